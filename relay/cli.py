@@ -1,0 +1,142 @@
+"""Command line: argv (and later the environment) to :class:`Config`, and subcommands.
+
+``relay [serve] --listen :4000 --upstream sglang:30000`` runs the relay;
+``relay probe URL`` measures a streaming endpoint; ``relay demo`` shows both
+with a built-in upstream. Bad flags print one line naming the flag and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .cliparse import EXIT_USAGE, OneLineParser
+from .config import PARSERS, Config, ConfigError, parse_listen, parse_upstream
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+SUBCOMMANDS = ("serve", "probe", "demo")
+
+_EPILOG = """\
+subcommands:
+  relay probe URL     measure TTFT and token gaps of a streaming endpoint; catch buffering
+  relay demo          run a built-in SGLang-like upstream with relay in front, and probe both
+
+Sizes take k/m/g suffixes (64k, 1m); durations take ms/s/m/h (500ms, 30s, 10m).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="relay",
+        description="Relay HTTP/1.1 token streams to an LLM inference server without buffering.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    parser.add_argument(
+        "--listen",
+        metavar="ADDR",
+        default=":4000",
+        help="where to accept clients: :PORT (all interfaces), HOST:PORT or [V6]:PORT "
+        "(default :4000)",
+    )
+    parser.add_argument(
+        "--upstream",
+        metavar="ADDR",
+        required=True,
+        help="the inference server: HOST:PORT or http://HOST:PORT",
+    )
+    limits = parser.add_argument_group("limits and timeouts")
+    for spec in dataclasses.fields(Config):
+        meta = spec.metadata
+        if "flag" not in meta:
+            continue
+        limits.add_argument(
+            meta["flag"],
+            dest=spec.name,
+            metavar=meta["kind"].upper(),
+            default=None,
+            help=f"{meta['help']} (default {_show_default(spec.default, meta['kind'])})",
+        )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default=Config.default("loop"),
+        help="event loop (default auto: uvloop when installed)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=Config.default("log_level"),
+        help="log verbosity (default info)",
+    )
+    return parser
+
+
+def _show_default(value: object, kind: str) -> str:
+    if kind == "duration":
+        return f"{value:g}s"
+    if kind == "size" and isinstance(value, int) and value % 1024 == 0:
+        return f"{value // 1024}k" if value < 1024 * 1024 else f"{value // (1024 * 1024)}m"
+    return str(value)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the :class:`Config`; raises :class:`ConfigError` naming the flag."""
+    values: dict[str, Any] = {
+        "listen": parse_listen(args.listen),
+        "upstream": parse_upstream(args.upstream),
+        "loop": args.loop,
+        "log_level": args.log_level,
+    }
+    for spec in dataclasses.fields(Config):
+        meta = spec.metadata
+        text = getattr(args, spec.name, None) if "flag" in meta else None
+        if text is not None:
+            values[spec.name] = PARSERS[meta["kind"]](text, meta["flag"])
+    return Config(**values)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in SUBCOMMANDS:
+        command, args_list = args_list[0], args_list[1:]
+    else:
+        command = "serve"
+    if command == "probe":
+        from . import probe
+
+        return probe.main(args_list)
+    if command == "demo":
+        from . import demo
+
+        return demo.main(args_list)
+
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"relay: error: argument {exc.flag}: {exc.message}\n")
+        return EXIT_USAGE
+    setup_logging(config.log_level)
+    from .server import run, serve
+
+    try:
+        return run(serve(config), config.loop)
+    except KeyboardInterrupt:
+        return 130

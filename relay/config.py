@@ -1,0 +1,317 @@
+"""Configuration: the frozen :class:`Config` and the parsing of its values.
+
+Sans-IO: nothing here opens a socket. Defaults live in exactly one place, the
+dataclass fields; the CLI reads them from there (``Config.default(name)``).
+Every parse function raises :class:`ConfigError` naming the flag, so the CLI
+can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ListenAddress",
+    "UpstreamAddress",
+    "parse_duration",
+    "parse_listen",
+    "parse_size",
+    "parse_upstream",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; ``flag`` names the option at fault."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where relay accepts connections. ``host`` ``None`` means all interfaces."""
+
+    host: str | None
+    port: int
+
+    def __str__(self) -> str:
+        host = self.host
+        if host is None:
+            return f"*:{self.port}"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamAddress:
+    """An upstream server: only plain ``http`` for now."""
+
+    host: str
+    port: int
+    scheme: str = "http"
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` as it goes into a ``Host`` header."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+def _limits(*, help: str, flag: str, kind: str = "") -> Any:
+    # Metadata the CLI turns into flags; the default stays on the field.
+    return {"help": help, "flag": flag, "kind": kind}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a relay process needs; immutable once built.
+
+    Timeouts are seconds; sizes are bytes. The defaults suit LLM work:
+    generations run for minutes and queues can hold a request for minutes
+    before the first byte, so upstream waits are long (nginx's 60 s read
+    timeout is the classic trap), while client-side waits that protect
+    relay itself (slowloris, idle keep-alive) are short.
+    """
+
+    listen: ListenAddress = ListenAddress(None, 4000)
+    upstream: UpstreamAddress = UpstreamAddress("127.0.0.1", 30000)
+
+    max_header_bytes: int = field(
+        default=64 * 1024,
+        metadata=_limits(
+            flag="--max-header-bytes",
+            kind="size",
+            help="largest request head (request line and headers) accepted; 431 beyond",
+        ),
+    )
+    max_body_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_limits(
+            flag="--max-body-bytes",
+            kind="size",
+            help="largest request body accepted; 413 beyond (long prompts and images are big)",
+        ),
+    )
+    max_connections: int = field(
+        default=4096,
+        metadata=_limits(
+            flag="--max-connections",
+            kind="count",
+            help="client connections served at once; more are answered 503 and closed",
+        ),
+    )
+    client_head_timeout: float = field(
+        default=15.0,
+        metadata=_limits(
+            flag="--client-head-timeout",
+            kind="duration",
+            help="time a client has to send a whole request head (slowloris guard); 408",
+        ),
+    )
+    client_body_timeout: float = field(
+        default=60.0,
+        metadata=_limits(
+            flag="--client-body-timeout",
+            kind="duration",
+            help="longest pause between request body bytes from the client; 408",
+        ),
+    )
+    client_keepalive_timeout: float = field(
+        default=75.0,
+        metadata=_limits(
+            flag="--client-keepalive-timeout",
+            kind="duration",
+            help="how long an idle client connection is kept open between requests",
+        ),
+    )
+    client_send_timeout: float = field(
+        default=120.0,
+        metadata=_limits(
+            flag="--client-send-timeout",
+            kind="duration",
+            help="longest time a client may leave relay's writes unread before it is dropped",
+        ),
+    )
+    upstream_connect_timeout: float = field(
+        default=5.0,
+        metadata=_limits(
+            flag="--upstream-connect-timeout",
+            kind="duration",
+            help="time to open a TCP connection to the upstream; 504",
+        ),
+    )
+    upstream_head_timeout: float = field(
+        default=900.0,
+        metadata=_limits(
+            flag="--upstream-head-timeout",
+            kind="duration",
+            help="time from sending a request to the upstream's response head "
+            "(queued long prompts take minutes); 504",
+        ),
+    )
+    upstream_idle_timeout: float = field(
+        default=600.0,
+        metadata=_limits(
+            flag="--upstream-idle-timeout",
+            kind="duration",
+            help="longest silence between upstream body bytes before the stream is cut",
+        ),
+    )
+    upstream_keepalive_timeout: float = field(
+        default=4.0,
+        metadata=_limits(
+            flag="--upstream-keepalive-timeout",
+            kind="duration",
+            help="how long an idle pooled upstream connection is kept; keep it below the "
+            "upstream's own (uvicorn under SGLang closes after 5 s)",
+        ),
+    )
+    upstream_keepalive: int = field(
+        default=128,
+        metadata=_limits(
+            flag="--upstream-keepalive",
+            kind="count",
+            help="idle upstream connections kept for reuse (0 disables pooling)",
+        ),
+    )
+    loop: str = "auto"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            flag = spec.metadata.get("flag")
+            if flag is None:
+                continue
+            value = getattr(self, spec.name)
+            kind = spec.metadata["kind"]
+            if kind == "duration" and not value > 0:
+                raise ConfigError(flag, f"must be a positive duration, got {value!r}")
+            least = 0 if spec.name == "upstream_keepalive" else 1
+            if kind in ("size", "count") and value < least:
+                raise ConfigError(flag, f"must be a positive number, got {value!r}")
+        if self.loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError("--loop", f"must be auto, uvloop or asyncio, got {self.loop!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(
+                "--log-level", f"must be debug, info, warning or error, got {self.log_level!r}"
+            )
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name`` (so the CLI never repeats a default)."""
+        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-_]*[A-Za-z0-9])?")
+
+
+def _parse_port(flag: str, text: str, *, allow_zero: bool) -> int:
+    if not _PORT_RE.fullmatch(text):
+        raise ConfigError(flag, f"port must be a number, got {text!r}")
+    port = int(text)
+    if port > 65535 or (port == 0 and not allow_zero):
+        raise ConfigError(flag, f"port out of range: {port}")
+    return port
+
+
+def _split_host_port(flag: str, text: str, *, allow_zero: bool) -> tuple[str, int]:
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ConfigError(flag, f"expected [IPV6]:PORT, got {text!r}")
+        host = text[1:close]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(flag, f"invalid IPv6 address {host!r}") from None
+        return host, _parse_port(flag, text[close + 2 :], allow_zero=allow_zero)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ConfigError(flag, f"expected HOST:PORT, got {text!r}")
+    if ":" in host:
+        raise ConfigError(flag, f"put an IPv6 address in brackets: [{host}]:{port}")
+    if host and not _HOST_RE.fullmatch(host):
+        raise ConfigError(flag, f"invalid host {host!r}")
+    return host, _parse_port(flag, port, allow_zero=allow_zero)
+
+
+def parse_listen(text: str, flag: str = "--listen") -> ListenAddress:
+    """``:PORT`` (all interfaces), ``HOST:PORT`` or ``[V6]:PORT``; port 0 picks one."""
+    host, port = _split_host_port(flag, text.strip(), allow_zero=True)
+    return ListenAddress(host or None, port)
+
+
+def parse_upstream(text: str, flag: str = "--upstream") -> UpstreamAddress:
+    """``HOST:PORT`` or ``http://HOST:PORT`` (a trailing ``/`` is allowed)."""
+    rest = text.strip()
+    scheme, sep, after = rest.partition("://")
+    if sep:
+        scheme = scheme.lower()
+        if scheme == "https":
+            raise ConfigError(flag, "https upstreams are not supported yet; use http://HOST:PORT")
+        if scheme != "http":
+            raise ConfigError(flag, f"unsupported scheme {scheme!r}; use http://HOST:PORT")
+        rest = after
+    else:
+        scheme = "http"
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    if "/" in rest or "?" in rest or "@" in rest:
+        raise ConfigError(flag, f"expected HOST:PORT without a path, got {text!r}")
+    host, port = _split_host_port(flag, rest, allow_zero=False)
+    if not host:
+        raise ConfigError(flag, f"missing host in {text!r}")
+    return UpstreamAddress(host, port, scheme)
+
+
+_SIZE_RE = re.compile(r"([0-9]+)\s*([kmg]i?b?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes: ``65536``, ``64k``, ``64KiB``, ``1m``, ``2g`` (binary units, as nginx)."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(flag, f"expected a size such as 65536, 64k or 1m, got {text!r}")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """Seconds: ``30``, ``2.5``, ``500ms``, ``30s``, ``10m``, ``1h``."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(flag, f"expected a duration such as 30, 500ms, 30s or 10m, got {text!r}")
+    seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "").lower()]
+    if seconds <= 0:
+        raise ConfigError(flag, f"must be a positive duration, got {text!r}")
+    return seconds
+
+
+_COUNT_RE = re.compile(r"[0-9]{1,9}")
+
+
+def parse_count(text: str, flag: str) -> int:
+    """A whole number of things (connections, idle slots)."""
+    if not _COUNT_RE.fullmatch(text.strip()):
+        raise ConfigError(flag, f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+#: How each kind of limit field is parsed from text.
+PARSERS = {"size": parse_size, "duration": parse_duration, "count": parse_count}

@@ -1,0 +1,311 @@
+"""The client side of the wire: one ``asyncio.Protocol`` per accepted connection.
+
+h11 (as SERVER) parses request heads and bodies. Each request/response cycle
+gets a fresh ``h11.Connection``: relay writes the response body itself, byte
+for byte, so h11's own writer state would never reach DONE; the bytes h11
+holds beyond the request (pipelined requests) are carried over with
+``trailing_data``, and requests are answered strictly in order.
+
+While an exchange is in flight relay keeps reading from the client, so that a
+client that goes away is noticed at once (and the upstream generation is
+stopped), but what it buffers from a pipelining client is bounded: past
+``max_header_bytes`` it stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, cast
+
+import h11
+
+from .errors import RelayError, error_response
+from .exchange import Ending, Exchange, Phase
+from .headers import RequestHeadProblem, check_request_headers, find_head_problem
+from .upstream import set_nodelay
+
+if TYPE_CHECKING:
+    from .server import ServerState
+
+__all__ = ["ClientConnection"]
+
+log = logging.getLogger("relay.error")
+
+#: Write buffer water marks: the client's transport pauses the upstream's
+#: reads above HIGH and resumes them below LOW (websockets and uvicorn use
+#: the same asyncio defaults); memory per stream is bounded by HIGH + one read.
+WRITE_HIGH = 64 * 1024
+WRITE_LOW = 16 * 1024
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection, carrying requests one after another."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+        self.client_host = "unknown"
+        self.scheme = "http"
+        self.http_version = b"1.1"
+        self.exchange: Exchange | None = None
+        self._h11 = self._new_h11()
+        self._head_bytes = bytearray()  # raw bytes of the current request head
+        self._reading_head = True
+        self._unprocessed = 0  # bytes fed to h11 while events were not pulled
+        self._paused_for_buffer = False
+        self._paused_for_upstream = False
+        self._closed = False
+        self._cycle_started = time.monotonic()
+        self._idle = True
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+
+    # -- asyncio.Protocol -----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_host = str(peer[0])
+        state = self.state
+        state.metrics.connections_accepted += 1
+        if state.draining or len(state.connections) >= self.config.max_connections:
+            state.metrics.connections_rejected += 1
+            reason = "relay is shutting down" if state.draining else "too many connections"
+            log.warning("rejecting connection from %s: %s", self.client_host, reason)
+            transport.write(error_response(RelayError(503, reason, "unavailable")))
+            self._closed = True
+            transport.close()
+            return
+        state.connections.add(self)
+        self._arm(time.monotonic() + self.config.client_keepalive_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._idle:
+            self._idle = False
+            self._cycle_started = time.monotonic()
+            self._arm(self._cycle_started + self.config.client_head_timeout)
+        if self._reading_head:
+            self._head_bytes += data
+        self._h11.receive_data(data)
+        self._unprocessed += len(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        exchange = self.exchange
+        if exchange is not None and exchange.phase is not Phase.DONE:
+            # Like nginx, a client that half-closes mid-exchange is gone:
+            # stop the generation instead of computing tokens for no one.
+            exchange.abort(Ending.CLIENT_GONE)
+            self.exchange = None
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.state.connections.discard(self)
+        self._cancel_timer()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None and exchange.phase is not Phase.DONE:
+            exchange.abort(Ending.CLIENT_GONE)
+        self.state.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client_resume_writing()
+
+    # -- request processing ------------------------------------------------
+    def _process(self) -> None:
+        conn = self._h11
+        while not self._closed:
+            exchange = self.exchange
+            if exchange is not None and not exchange.ready_for_body:
+                break  # hold the body in h11's buffer until the upstream is there
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is h11.NEED_DATA:
+                self._unprocessed = 0
+                break
+            if event is h11.PAUSED:
+                break
+            if isinstance(event, h11.Request):
+                self._on_request(event)
+            elif isinstance(event, h11.Data):
+                self._on_body(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                if self.exchange is not None:
+                    self.exchange.request_end()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close()
+                return
+        self._bound_buffer()
+
+    def _bound_buffer(self) -> None:
+        """Stop reading while h11 holds more unprocessed bytes than a head may be."""
+        over = self._unprocessed > self.config.max_header_bytes
+        if over != self._paused_for_buffer:
+            self._paused_for_buffer = over
+            self._update_reading()
+
+    def hold_reading(self, paused: bool) -> None:
+        """Backpressure from the upstream: its write buffer is full (or drained)."""
+        self._paused_for_upstream = paused
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self._closed:
+            return
+        if self._paused_for_buffer or self._paused_for_upstream:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def _on_request(self, request: h11.Request) -> None:
+        self._reading_head = False
+        raw_head = bytes(self._head_bytes)
+        self._head_bytes.clear()
+        self.http_version = b"1.1" if request.http_version == b"1.1" else b"1.0"
+        cfg = self.config
+        self._cancel_timer()  # the exchange owns the deadlines from here
+        problem = find_head_problem(raw_head)
+        if problem is not None:
+            self.send_error(RelayError(400, problem, "bad_request"))
+            return
+        try:
+            check_request_headers(request.headers)
+        except RequestHeadProblem as exc:
+            self.send_error(RelayError(exc.status, str(exc), "bad_request"))
+            return
+        if request.method == b"CONNECT":
+            self.send_error(RelayError(405, "CONNECT is not supported", "method_not_allowed"))
+            return
+        for name, value in request.headers:
+            if name == b"content-length" and int(value) > cfg.max_body_bytes:
+                self.send_error(RelayError(413, "request body too large", "request_too_large"))
+                return
+        exchange = Exchange(
+            self,
+            request,
+            config=cfg,
+            pool=self.state.pool,
+            metrics=self.state.metrics,
+            waiting_for_continue=self._h11.they_are_waiting_for_100_continue,
+        )
+        self.exchange = exchange
+        exchange.start()
+
+    def _on_body(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None or exchange.phase is Phase.DONE:
+            return
+        if exchange.request_bytes + len(data) > self.config.max_body_bytes:
+            if exchange.phase is Phase.BODY:
+                exchange.abort(Ending.ERROR)
+                self.close()
+            else:
+                exchange.abort(Ending.ERROR)
+                self.send_error(RelayError(413, "request body too large", "request_too_large"))
+            return
+        exchange.request_data(data)
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        exchange = self.exchange
+        if exchange is not None and exchange.phase is Phase.BODY:
+            # The response already started: nothing to answer, just stop.
+            exchange.abort(Ending.ERROR)
+            self.close()
+            return
+        if exchange is not None:
+            exchange.abort(Ending.ERROR)
+        code = "request_header_fields_too_large" if status == 431 else "bad_request"
+        self.send_error(RelayError(status, f"invalid request: {exc}", code))
+
+    # -- called by the exchange ----------------------------------------------
+    def exchange_ready_for_body(self) -> None:
+        if not self._closed:
+            self._process()
+
+    def exchange_finished(self, *, keep_alive: bool) -> None:
+        self.exchange = None
+        if self._closed:
+            return
+        if not keep_alive or self.state.draining:
+            self.close()
+            return
+        # Next cycle: a fresh h11 connection, seeded with what is buffered.
+        data, closed = self._h11.trailing_data
+        self._h11 = self._new_h11()
+        self._reading_head = True
+        self._head_bytes = bytearray(data)
+        self._unprocessed = len(data)
+        if data:
+            self._h11.receive_data(data)
+            self._idle = False
+            self._cycle_started = time.monotonic()
+            self._arm(self._cycle_started + self.config.client_head_timeout)
+        else:
+            self._idle = True
+            self._arm(time.monotonic() + self.config.client_keepalive_timeout)
+        if closed:
+            self._h11.receive_data(b"")
+        self._process()
+
+    def send_error(self, error: RelayError) -> None:
+        """Answer ``error`` (no response byte was sent yet) and close."""
+        self.state.metrics.requests[error.status] += 1
+        log.info("%s %s -> %d %s", self.client_host, error.code, error.status, error.message)
+        if not self._closed:
+            self.transport.write(error_response(error, http_version=self.http_version))
+        self.close()
+
+    def close_truncated(self) -> None:
+        """Close after flushing what was written, without ending the message."""
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_timer()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None and exchange.phase is not Phase.DONE:
+            exchange.abort(Ending.ERROR)
+        # close() flushes the write buffer first: what was relayed arrives.
+        self.transport.close()
+
+    # -- deadlines --------------------------------------------------------------
+    def _arm(self, when: float) -> None:
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed or self.exchange is not None:
+            return
+        if self._idle:
+            self.close()  # keep-alive expired: close quietly, as nginx does
+            return
+        self.state.metrics.timeouts += 1
+        self.send_error(RelayError(408, "request head not received in time", "timeout"))

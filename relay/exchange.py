@@ -1,0 +1,558 @@
+"""One request and its response: the place where the two connections meet.
+
+An :class:`Exchange` is created by the client connection for each request
+head. One coroutine (owned by the exchange, cancelled by :meth:`abort`) does
+the only waiting there is: getting an upstream connection. From then on
+everything is callbacks, and the hot path is :meth:`Exchange.upstream_data`:
+
+    upstream read -> framer finds the body's end -> client ``transport.write``
+
+with no await, no logging and no timer re-arming on it, so the read that
+arrived is on the client's wire before relay looks at anything else.
+
+Teardown rules (DESIGN.md §3):
+
+* the response is completed for the client only when the upstream completed
+  it; a cut upstream leaves the client connection closed mid-body;
+* a client that goes away closes the upstream connection at once, so the
+  inference server stops generating, and that connection is never pooled;
+* a pooled connection that closes before any response byte is replaced by a
+  fresh one, once, if the request bytes sent so far can be replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import h11
+
+from .errors import RelayError
+from .framing import (
+    LAST_CHUNK,
+    BodyFramer,
+    ChunkedFramer,
+    CloseFramer,
+    FramingError,
+    LengthFramer,
+    encode_chunk,
+)
+from .headers import has_token, request_headers_for_upstream, response_head
+from .headers import response_headers_for_client as client_headers
+from .upstream import ConnectError, ConnectTimeout, UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .metrics import Metrics
+
+__all__ = ["Exchange", "Phase"]
+
+log = logging.getLogger("relay.error")
+
+#: Request bytes kept for replaying on a fresh connection when a pooled one
+#: turns out to be closed (Envoy's retry buffer has the same role). LLM
+#: requests are small JSON; a bigger body is streamed without a safety net.
+REPLAY_LIMIT = 1024 * 1024
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class ClientSide(Protocol):
+    """What an exchange needs from the client connection."""
+
+    transport: asyncio.Transport
+    client_host: str
+    scheme: str
+    http_version: bytes
+
+    def exchange_ready_for_body(self) -> None: ...
+    def hold_reading(self, paused: bool) -> None: ...
+    def exchange_finished(self, *, keep_alive: bool) -> None: ...
+    def send_error(self, error: RelayError) -> None: ...
+    def close_truncated(self) -> None: ...
+
+
+class Phase(enum.Enum):
+    CONNECTING = "connecting"  # waiting for an upstream connection
+    WAITING = "waiting"  # request sent (or being sent), no response head yet
+    BODY = "body"  # response head forwarded, body streaming
+    DONE = "done"
+
+
+class Ending(enum.Enum):
+    COMPLETE = "complete"
+    CLIENT_GONE = "client_gone"
+    UPSTREAM_CUT = "upstream_cut"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+class Exchange:
+    """One request/response pair between a client connection and an upstream."""
+
+    def __init__(
+        self,
+        client: ClientSide,
+        request: h11.Request,
+        *,
+        config: Config,
+        pool: UpstreamPool,
+        metrics: Metrics,
+        waiting_for_continue: bool,
+    ) -> None:
+        self.client = client
+        self.request = request
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        self.phase = Phase.CONNECTING
+        self.ending: Ending | None = None
+        self.started = time.monotonic()
+        self.status: int | None = None
+        self.bytes_to_client = 0
+
+        self._loop = asyncio.get_running_loop()
+        self._waiting_for_continue = waiting_for_continue
+        self._head_request = request.method == b"HEAD"
+        self._upstream: UpstreamConnection | None = None
+        self._h11: h11.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._framer: BodyFramer = CloseFramer()
+        self._write_body = client.transport.write
+        self._upstream_reusable = False
+        self._eof_seen = False
+        self._got_upstream_bytes = False
+        self._retried = False
+        self._attached_reused = False
+        self._keep_client = False
+
+        # Request side: the client's body arrives as h11 Data events.
+        self.request_complete = False
+        self.request_bytes = 0
+        self._last_client_byte = self.started
+        self._sent_at = self.started
+        self._replay: list[bytes] | None = []  # body pieces sent so far, for a retry
+        self._replay_size = 0
+
+        # Response side.
+        self._last_upstream_byte = self.started
+        self._client_paused_since: float | None = None
+
+        headers = request_headers_for_upstream(
+            request.headers.raw_items(),
+            client_host=client.client_host,
+            scheme=client.scheme,
+            upstream_authority=pool.address.authority,
+        )
+        for name, value in request.headers:
+            if name == b"content-length":
+                headers.append((b"content-length", value))
+            elif name == b"transfer-encoding":
+                headers.append((b"transfer-encoding", b"chunked"))
+        self._upstream_request = h11.Request(
+            method=request.method, target=request.target, headers=headers
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        self._task = self._loop.create_task(self._connect(fresh=False))
+        self._rearm()
+
+    @property
+    def ready_for_body(self) -> bool:
+        """Whether request body bytes can be forwarded right now."""
+        return self.phase is not Phase.CONNECTING and self._upstream is not None
+
+    async def _connect(self, *, fresh: bool) -> None:
+        try:
+            upstream = await self.pool.acquire(self, fresh=fresh)
+        except ConnectTimeout as exc:
+            log.warning("%s", exc)
+            self._fail(RelayError(504, "upstream connect timed out", "upstream_timeout"))
+            return
+        except ConnectError as exc:
+            log.warning("%s", exc)
+            self._fail(RelayError(502, "upstream unreachable", "upstream_unreachable"))
+            return
+        finally:
+            self._task = None
+        if self.phase is Phase.DONE:  # aborted while connecting
+            self.pool.discard(upstream)
+            return
+        self._attach(upstream)
+
+    def _attach(self, upstream: UpstreamConnection) -> None:
+        self._upstream = upstream
+        self._attached_reused = upstream.reused
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes)
+        self._h11 = conn
+        self.phase = Phase.WAITING
+        self._got_upstream_bytes = False
+        self._eof_seen = False
+        self._sent_at = time.monotonic()
+        self._rearm()
+        self._send_upstream(conn.send(self._upstream_request))
+        if self._replay:
+            # A retry: the body so far goes again, as it went the first time.
+            for piece in self._replay:
+                self._send_upstream(conn.send(h11.Data(data=piece)))
+        if self.request_complete:
+            self._finish_request()
+        if self._waiting_for_continue:
+            self._waiting_for_continue = False
+            self.client.transport.write(_CONTINUE)
+        self.client.exchange_ready_for_body()
+
+    def _send_upstream(self, data: bytes | None) -> None:
+        if data and self._upstream is not None:
+            self._upstream.transport.write(data)
+
+    # -- request body (called by the client connection) -------------------
+    def request_data(self, data: bytes) -> None:
+        self.request_bytes += len(data)
+        self._last_client_byte = time.monotonic()
+        if self._replay is not None:
+            self._replay_size += len(data)
+            if self._replay_size <= REPLAY_LIMIT:
+                self._replay.append(data)
+            else:
+                self._replay = None
+        if self.phase is Phase.DONE or self._h11 is None:
+            return
+        if self._h11.our_state is h11.SEND_BODY:
+            self._send_upstream(self._h11.send(h11.Data(data=data)))
+
+    def request_end(self) -> None:
+        self.request_complete = True
+        if self.phase is Phase.DONE or self._h11 is None:
+            return
+        self._finish_request()
+
+    def _finish_request(self) -> None:
+        assert self._h11 is not None
+        if self._h11.our_state is h11.SEND_BODY:
+            self._send_upstream(self._h11.send(h11.EndOfMessage()))
+
+    def upstream_pause_writing(self) -> None:
+        self.client.hold_reading(True)
+
+    def upstream_resume_writing(self) -> None:
+        self.client.hold_reading(False)
+
+    # -- response (called by the upstream connection) ---------------------
+    def upstream_data(self, data: bytes) -> None:
+        if self.phase is Phase.BODY:
+            # The hot path. Keep it short.
+            self._last_upstream_byte = time.monotonic()
+            framer = self._framer
+            try:
+                taken = framer.feed(data)
+            except FramingError as exc:
+                self._cut(f"upstream sent invalid body framing: {exc}")
+                return
+            if taken:
+                self.bytes_to_client += taken
+                self._write_body(data if taken == len(data) else data[:taken])
+            if framer.complete:
+                if taken != len(data):
+                    self._upstream_reusable = False  # bytes after the end: not HTTP
+                self._complete()
+            return
+        if self.phase is Phase.WAITING:
+            self._got_upstream_bytes = True
+            self._last_upstream_byte = time.monotonic()
+            assert self._h11 is not None
+            self._h11.receive_data(data)
+            self._read_head()
+
+    def _read_head(self) -> None:
+        conn = self._h11
+        assert conn is not None
+        while self.phase is Phase.WAITING:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._bad_gateway(f"upstream sent an invalid response head: {exc}")
+                return
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.InformationalResponse):
+                self._forward_informational(event)
+            elif isinstance(event, h11.Response):
+                self._start_body(event)
+            else:  # ConnectionClosed before a head: upstream_eof/lost handle it
+                return
+
+    def _forward_informational(self, event: h11.InformationalResponse) -> None:
+        # relay already told the client 100 Continue itself; 101 cannot happen
+        # because Upgrade never reaches the upstream. Others (103) go through.
+        if event.status_code in (100, 101) or self.client.http_version != b"1.1":
+            return
+        headers = client_headers(event.headers.raw_items(), keep_framing=False, keep_trailer=False)
+        self.client.transport.write(response_head(event.status_code, event.reason, headers))
+
+    def _start_body(self, event: h11.Response) -> None:
+        conn = self._h11
+        assert conn is not None
+        status = event.status_code
+        self.status = status
+        self.metrics.requests[status] += 1
+        raw = event.headers.raw_items()
+        client_v11 = self.client.http_version == b"1.1"
+        no_body = self._head_request or status in (204, 304)
+        chunked = not no_body and any(n == b"transfer-encoding" for n, _ in event.headers)
+        length = None
+        if not no_body and not chunked:
+            for name, value in event.headers:
+                if name == b"content-length":
+                    length = int(value)
+        keep_framing = True
+        keep_trailer = True
+        extra: list[tuple[bytes, bytes]] = []
+        write = self.client.transport.write
+        if no_body:
+            self._framer = LengthFramer(0)
+        elif chunked and client_v11:
+            self._framer = ChunkedFramer(max_trailer_bytes=self.config.max_header_bytes)
+        elif chunked:
+            # HTTP/1.0 clients cannot take chunks: de-chunk, end by closing.
+            framer = ChunkedFramer(dechunk=True, max_trailer_bytes=self.config.max_header_bytes)
+            self._framer = framer
+            keep_framing = keep_trailer = False
+            write = self._dechunked_writer(framer)
+        elif length is not None:
+            self._framer = LengthFramer(length)
+        elif client_v11:
+            # Close-delimited upstream body: re-frame as chunks, so that a cut
+            # upstream is visible to the client as a missing last chunk.
+            self._framer = CloseFramer()
+            keep_framing = False
+            extra.append((b"transfer-encoding", b"chunked"))
+            write = self._rechunk_writer()
+        else:
+            self._framer = CloseFramer()
+        self._write_body = write
+
+        self._upstream_reusable = (
+            self._framer.reusable
+            and conn.their_http_version == b"1.1"
+            and not has_token(event.headers, b"connection", b"close")
+        )
+        headers = client_headers(raw, keep_framing=keep_framing, keep_trailer=keep_trailer)
+        headers.extend(extra)
+        # Every body a 1.1 client gets is delimited (length, chunks, none), so
+        # its connection can stay open; an HTTP/1.0 client's closes.
+        self._keep_client = (
+            client_v11
+            and self.request_complete
+            and not has_token(self.request.headers, b"connection", b"close")
+        )
+        if not self._keep_client:
+            headers.append((b"connection", b"close"))
+        self.client.transport.write(
+            response_head(status, event.reason, headers, http_version=self.client.http_version)
+        )
+        self.phase = Phase.BODY
+        self._rearm()
+        leftover, _closed = conn.trailing_data
+        if leftover:
+            self.upstream_data(leftover)
+        elif self._framer.complete:
+            self._complete()
+
+    def _dechunked_writer(self, framer: ChunkedFramer):  # noqa: ANN202
+        transport = self.client.transport
+        payload = framer.payload
+        assert payload is not None
+
+        def write(_data: bytes) -> None:
+            if payload:
+                transport.writelines(payload)
+                payload.clear()
+
+        return write
+
+    def _rechunk_writer(self):  # noqa: ANN202
+        transport = self.client.transport
+
+        def write(data: bytes) -> None:
+            transport.write(encode_chunk(data))
+
+        return write
+
+    def upstream_eof(self) -> None:
+        self._eof_seen = True
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self._upstream = None
+        if self.phase is Phase.DONE:
+            return
+        if self.phase is Phase.BODY:
+            self._upstream_reusable = False
+            if self._eof_seen and exc is None:
+                with contextlib.suppress(FramingError):
+                    self._framer.feed_eof()
+                if self._framer.complete:
+                    if isinstance(self._framer, CloseFramer) and self.client.http_version == b"1.1":
+                        self.client.transport.write(LAST_CHUNK)
+                    self._complete()
+                    return
+            self._cut("upstream closed the connection before the end of the body")
+            return
+        if self.phase is Phase.WAITING:
+            if self._retry_allowed():
+                self.metrics.upstream_retries += 1
+                self._retried = True
+                self.phase = Phase.CONNECTING
+                self._h11 = None
+                self._task = self._loop.create_task(self._connect(fresh=True))
+                return
+            self._bad_gateway("upstream closed the connection before sending a response")
+
+    def _retry_allowed(self) -> bool:
+        return (
+            not self._retried
+            and not self._got_upstream_bytes
+            and self._replay is not None
+            and self._attached_reused
+        )
+
+    # -- endings --------------------------------------------------------------
+    def _complete(self) -> None:
+        upstream = self._upstream
+        reusable = (
+            self._upstream_reusable and self._h11 is not None and self._h11.our_state is h11.DONE
+        )
+        keep_alive = self._keep_client and self.request_complete
+        self._end(Ending.COMPLETE)
+        if upstream is not None:
+            self.pool.release(upstream, reusable=reusable)
+        self.client.exchange_finished(keep_alive=keep_alive)
+
+    def _cut(self, reason: str) -> None:
+        """The upstream broke mid-body: close the client without completing."""
+        self.metrics.truncated_streams += 1
+        log.warning("stream truncated: %s (%s %s)", reason, self._method, self._target)
+        self._close_upstream()
+        self._end(Ending.UPSTREAM_CUT)
+        self.client.close_truncated()
+
+    def _bad_gateway(self, reason: str) -> None:
+        log.warning("%s (%s %s)", reason, self._method, self._target)
+        self._fail(RelayError(502, reason, "bad_gateway"))
+
+    def _fail(self, error: RelayError) -> None:
+        """Answer with ``error`` if nothing was sent yet, else cut the stream."""
+        if self.phase is Phase.DONE:
+            return
+        if self.phase is Phase.BODY:
+            self._cut(error.message)
+            return
+        self._close_upstream()
+        self._end(Ending.ERROR if error.status != 504 else Ending.TIMEOUT)
+        self.client.send_error(error)
+
+    def abort(self, ending: Ending = Ending.CLIENT_GONE) -> None:
+        """The client is gone: stop everything now, never pool the upstream."""
+        if self.phase is Phase.DONE:
+            return
+        if ending is Ending.CLIENT_GONE:
+            self.metrics.client_disconnects += 1
+        self._close_upstream()
+        self._end(ending)
+
+    def _close_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            self.pool.discard(upstream)
+
+    def _end(self, ending: Ending) -> None:
+        self.phase = Phase.DONE
+        self.ending = ending
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+
+    # -- flow control from the client side ----------------------------------
+    def client_pause_writing(self) -> None:
+        self._client_paused_since = time.monotonic()
+        if self._upstream is not None:
+            self._upstream.transport.pause_reading()
+        if self.phase is not Phase.DONE:
+            self._rearm()
+
+    def client_resume_writing(self) -> None:
+        self._client_paused_since = None
+        if self._upstream is not None:
+            with contextlib.suppress(RuntimeError):
+                self._upstream.transport.resume_reading()
+
+    # -- deadlines ------------------------------------------------------------
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        # time.monotonic() and loop.time() share a clock on every loop relay uses.
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _rearm(self) -> None:
+        self._arm(self._next_deadline())
+
+    def _next_deadline(self) -> float:
+        cfg = self.config
+        deadlines = []
+        if not self.request_complete:
+            deadlines.append(self._last_client_byte + cfg.client_body_timeout)
+        if self.phase is Phase.WAITING:
+            deadlines.append(self._sent_at + cfg.upstream_head_timeout)
+        elif self.phase is Phase.BODY:
+            if self._client_paused_since is not None:
+                deadlines.append(self._client_paused_since + cfg.client_send_timeout)
+            else:
+                deadlines.append(self._last_upstream_byte + cfg.upstream_idle_timeout)
+        elif self.phase is Phase.CONNECTING:
+            deadlines.append(time.monotonic() + cfg.upstream_connect_timeout + 1.0)
+        return min(deadlines)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.phase is Phase.DONE:
+            return
+        now = time.monotonic()
+        cfg = self.config
+        if not self.request_complete and now - self._last_client_byte >= cfg.client_body_timeout:
+            self.metrics.timeouts += 1
+            self._fail(RelayError(408, "client sent the request body too slowly", "timeout"))
+            return
+        if self.phase is Phase.WAITING and now - self._sent_at >= cfg.upstream_head_timeout:
+            self.metrics.timeouts += 1
+            self._fail(RelayError(504, "upstream did not answer in time", "upstream_timeout"))
+            return
+        if self.phase is Phase.BODY:
+            paused = self._client_paused_since
+            if paused is not None and now - paused >= cfg.client_send_timeout:
+                self.metrics.timeouts += 1
+                log.warning("client stopped reading for %.0f s; dropping it", now - paused)
+                self.abort(Ending.TIMEOUT)
+                self.client.close_truncated()
+                return
+            if paused is None and now - self._last_upstream_byte >= cfg.upstream_idle_timeout:
+                self.metrics.timeouts += 1
+                self._cut("upstream idle timeout mid-body")
+                return
+        self._rearm()
+
+    @property
+    def _method(self) -> str:
+        return self.request.method.decode("ascii", "replace")
+
+    @property
+    def _target(self) -> str:
+        return self.request.target.decode("ascii", "replace")

@@ -1,0 +1,225 @@
+"""Sans-IO body framers: find where a message body ends, without copying it.
+
+h11 parses the response *head*; after that, the raw bytes go through one of
+these framers. A framer never rewrites the body: :meth:`BodyFramer.feed`
+only says how many bytes of a read belong to the current body, so the caller
+can forward exactly those bytes (same chunk sizes, extensions and trailers).
+
+The one exception is :class:`ChunkedFramer` with ``dechunk=True``, used for
+HTTP/1.0 clients, which cannot take chunked frames (RFC 9112 §7.1): it also
+hands out the payload pieces.
+
+Strictness follows RFC 9112 §7.1: a chunk-size line is ``1*HEXDIG [ext] CRLF``,
+chunk data is followed by CRLF, trailer lines are field lines, and a bare LF
+is an error. Every line has a length bound, so a hostile peer cannot make a
+framer buffer without limit. The only state a framer keeps between reads is
+a partial line (bounded) and a few integers.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "LAST_CHUNK",
+    "BodyFramer",
+    "ChunkedFramer",
+    "CloseFramer",
+    "FramingError",
+    "IncompleteBody",
+    "LengthFramer",
+    "encode_chunk",
+]
+
+#: The terminating chunk with an empty trailer section.
+LAST_CHUNK = b"0\r\n\r\n"
+
+#: Longest chunk-size line accepted, extensions included (nginx and Envoy
+#: use a few KiB as well; real servers send ``"%x\r\n"``).
+MAX_CHUNK_LINE = 4096
+
+# 16 hex digits can exceed a signed 64-bit size; the value is checked too.
+_MAX_CHUNK_SIZE = 2**63 - 1
+
+# chunk-size [ chunk-ext ] CRLF, with BWS before ";" (RFC 9112 §7.1.1).
+# Extension bytes are VCHAR / obs-text / SP / HTAB; no CTLs, no bare CR/LF.
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?\r\n")
+_SIZE_LINE_PREFIX = re.compile(rb"(?:[0-9A-Fa-f]{1,16}[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?)?\r?")
+# field-name ":" field-value CRLF; a leading SP/HTAB would be obs-fold.
+_TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n")
+_TRAILER_LINE_PREFIX = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[\t\x20-\x7e\x80-\xff]*)?)?\r?"
+)
+
+
+class FramingError(ValueError):
+    """The body bytes do not follow the framing their head announced."""
+
+
+class IncompleteBody(FramingError):
+    """The connection ended before the body did (a truncated message)."""
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk carrying ``data`` (which must not be empty)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class BodyFramer:
+    """Base of the framers: ``complete`` turns true at the body's last byte.
+
+    ``reusable`` says whether the connection can carry another message once
+    this body is complete (false for a body delimited by closing).
+    """
+
+    complete: bool = False
+    reusable: bool = True
+
+    def feed(self, data: bytes) -> int:
+        """Consume a read; return how many of its leading bytes are body.
+
+        Fewer than ``len(data)`` means the body completed inside this read
+        and the rest belongs to whatever comes next. Raises
+        :class:`FramingError` on bytes that break the framing.
+        """
+        raise NotImplementedError
+
+    def feed_eof(self) -> None:
+        """The peer closed; raise :class:`IncompleteBody` if the body is not done."""
+        if not self.complete:
+            raise IncompleteBody("connection closed before the end of the body")
+
+
+class LengthFramer(BodyFramer):
+    """A body of exactly ``Content-Length`` bytes."""
+
+    def __init__(self, length: int) -> None:
+        if length < 0:
+            raise ValueError("length must not be negative")
+        self.remaining = length
+        self.complete = length == 0
+
+    def feed(self, data: bytes) -> int:
+        remaining = self.remaining
+        taken = len(data)
+        if taken >= remaining:
+            taken = remaining
+            self.complete = True
+        self.remaining = remaining - taken
+        return taken
+
+
+class CloseFramer(BodyFramer):
+    """A body that ends when the connection closes (no length, not chunked)."""
+
+    reusable = False
+
+    def feed(self, data: bytes) -> int:
+        return len(data)
+
+    def feed_eof(self) -> None:
+        self.complete = True
+
+
+# ChunkedFramer states
+_SIZE = 0  # inside a chunk-size line (partial line kept in _line)
+_DATA = 1  # inside chunk data, _remaining bytes to go
+_DATA_CR = 2  # expecting the CR after chunk data
+_DATA_LF = 3  # expecting the LF after chunk data
+_TRAILER = 4  # inside the trailer section (partial line kept in _line)
+_DONE = 5
+
+
+class ChunkedFramer(BodyFramer):
+    """``Transfer-Encoding: chunked``, strictly per RFC 9112 §7.1.
+
+    With ``dechunk=True`` the chunk payloads of each :meth:`feed` are left in
+    :attr:`payload` (a list the caller drains), for HTTP/1.0 clients.
+    """
+
+    def __init__(self, *, dechunk: bool = False, max_trailer_bytes: int = 65536) -> None:
+        self._state = _SIZE
+        self._line = b""
+        self._remaining = 0
+        self._trailer_bytes = 0
+        self._max_trailer_bytes = max_trailer_bytes
+        self.payload: list[bytes] | None = [] if dechunk else None
+
+    def feed(self, data: bytes) -> int:
+        pos = 0
+        end = len(data)
+        payload = self.payload
+        while pos < end:
+            state = self._state
+            if state == _DATA:
+                take = end - pos
+                if take > self._remaining:
+                    take = self._remaining
+                if payload is not None:
+                    payload.append(data[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = _DATA_CR
+            elif state == _SIZE:
+                pos = self._take_line(data, pos, MAX_CHUNK_LINE, _SIZE_LINE_PREFIX)
+                if self._line.endswith(b"\n"):
+                    self._end_size_line()
+            elif state == _DATA_CR:
+                if data[pos] != 13:
+                    raise FramingError("chunk data not followed by CRLF")
+                pos += 1
+                self._state = _DATA_LF
+            elif state == _DATA_LF:
+                if data[pos] != 10:
+                    raise FramingError("chunk data not followed by CRLF")
+                pos += 1
+                self._state = _SIZE
+            elif state == _TRAILER:
+                pos = self._take_line(data, pos, self._max_trailer_bytes, _TRAILER_LINE_PREFIX)
+                if self._line.endswith(b"\n"):
+                    self._end_trailer_line()
+            else:  # _DONE
+                break
+        return pos
+
+    def _take_line(self, data: bytes, pos: int, limit: int, prefix: re.Pattern[bytes]) -> int:
+        """Append to the partial line up to and including LF; return the new position."""
+        eol = data.find(b"\n", pos)
+        stop = len(data) if eol < 0 else eol + 1
+        line = self._line + data[pos:stop]
+        if len(line) > limit:
+            raise FramingError("chunk-size or trailer line too long")
+        if eol < 0 and prefix.fullmatch(line) is None:
+            # Fail on the first bad byte, not when the line finally ends.
+            raise FramingError(f"invalid chunk framing near {line[:32]!r}")
+        self._line = line
+        return stop
+
+    def _end_size_line(self) -> None:
+        line = self._line
+        self._line = b""
+        match = _SIZE_LINE.fullmatch(line)
+        if match is None:
+            raise FramingError(f"invalid chunk-size line {line[:32]!r}")
+        size = int(match.group(1), 16)
+        if size > _MAX_CHUNK_SIZE:
+            raise FramingError("chunk size out of range")
+        if size:
+            self._remaining = size
+            self._state = _DATA
+        else:
+            self._state = _TRAILER
+
+    def _end_trailer_line(self) -> None:
+        line = self._line
+        self._line = b""
+        if line == b"\r\n":
+            self._state = _DONE
+            self.complete = True
+            return
+        self._trailer_bytes += len(line)
+        if self._trailer_bytes > self._max_trailer_bytes:
+            raise FramingError("trailer section too large")
+        if _TRAILER_LINE.fullmatch(line) is None:
+            raise FramingError(f"invalid trailer line {line[:32]!r}")

@@ -1,0 +1,230 @@
+"""Sans-IO header policy: what crosses relay in each direction, and head bytes.
+
+Headers are lists of ``(name, value)`` byte pairs in the order and case the
+peer sent them (h11's ``Headers.raw_items()``); duplicates stay duplicates,
+because folding them into a dict loses ``Set-Cookie`` and friends.
+
+Hop-by-hop fields (RFC 9110 §7.6.1) describe one connection, not the
+message, so they stop at relay in both directions: ``Connection`` and every
+field it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Upgrade``, and
+``Trailer`` on requests. Framing fields (``Content-Length``,
+``Transfer-Encoding``) are removed here and decided by the caller, which
+knows how the body will be framed on the other connection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from http import HTTPStatus
+
+__all__ = [
+    "HeaderList",
+    "RequestHeadProblem",
+    "check_request_headers",
+    "find_head_problem",
+    "has_token",
+    "is_event_stream",
+    "request_headers_for_upstream",
+    "response_head",
+    "response_headers_for_client",
+]
+
+HeaderList = list[tuple[bytes, bytes]]
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"upgrade",
+    }
+)
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+# Expect is answered by relay itself (it sends 100 Continue when it is ready
+# for the body), so the upstream never waits for a continue of its own.
+_REQUEST_ONLY_DROPS = frozenset({b"trailer", b"expect"})
+
+#: Field values are VCHAR / obs-text / SP / HTAB (RFC 9110 §5.5). h11 admits
+#: other control bytes; relay refuses them rather than pass them on.
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+# A line that begins with SP or HTAB inside a head continues the previous one
+# (obs-fold, RFC 9112 §5.2); h11 unfolds it, relay rejects it, as nginx does.
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+_CONTENT_LENGTH_LINE = re.compile(rb"\ncontent-length[ \t]*:", re.IGNORECASE)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+VIA = b"1.1 relay"
+
+
+class RequestHeadProblem(ValueError):
+    """A request head relay refuses; ``status`` is the answer (400 or 501)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return tokens
+
+
+def has_token(headers: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
+    """Whether comma-list header ``name`` (lower case) holds ``token`` (lower case)."""
+    for field_name, value in headers:
+        if field_name.lower() == name and any(
+            t.strip().lower() == token for t in value.split(b",")
+        ):
+            return True
+    return False
+
+
+def find_head_problem(raw_head: bytes) -> str | None:
+    """Framing ambiguities in the raw bytes of a request head that h11 smooths over.
+
+    ``raw_head`` is the bytes received from the start of the request; only
+    the part up to the first empty line is looked at. h11 unfolds obs-fold
+    and merges identical ``Content-Length`` lines; both are classic
+    request-smuggling vectors between two parsers, so relay refuses them.
+    """
+    end = _HEAD_END.search(raw_head)
+    head = raw_head[: end.start() + 1] if end else raw_head
+    if _OBS_FOLD.search(head):
+        return "obsolete line folding in request head"
+    if len(_CONTENT_LENGTH_LINE.findall(head)) > 1:
+        return "duplicate Content-Length header"
+    return None
+
+
+def check_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Refuse framing that two parsers could read two ways (RFC 9112 §6.3).
+
+    ``headers`` are h11's normalized request headers (lower-case names).
+    Raises :class:`RequestHeadProblem`.
+    """
+    saw_length = saw_encoding = False
+    for name, value in headers:
+        if name == b"content-length":
+            saw_length = True
+        elif name == b"transfer-encoding":
+            saw_encoding = True
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise RequestHeadProblem(f"invalid byte in header {name.decode('ascii')}")
+    if saw_length and saw_encoding:
+        raise RequestHeadProblem("both Content-Length and Transfer-Encoding")
+
+
+def _append_list(headers: HeaderList, name: bytes, item: bytes) -> None:
+    """Append ``item`` to comma-list header ``name``, merging duplicate lines."""
+    values = [v for n, v in headers if n.lower() == name]
+    headers[:] = [(n, v) for n, v in headers if n.lower() != name]
+    values.append(item)
+    headers.append((name, b", ".join(values)))
+
+
+def request_headers_for_upstream(
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    *,
+    client_host: str,
+    scheme: str,
+    upstream_authority: str,
+) -> HeaderList:
+    """The request headers to send upstream, without framing fields.
+
+    ``X-Forwarded-For`` and ``X-Forwarded-Proto`` get the client's address
+    and scheme appended (``Forwarded``-style list semantics, so a trusted
+    proxy in front keeps its entries); ``Via`` gets relay's entry; ``Host``
+    passes through and is added only when an HTTP/1.0 client sent none.
+    """
+    raw_headers = list(raw_headers)
+    named = _connection_tokens(raw_headers)
+    out: HeaderList = []
+    has_host = False
+    for name, value in raw_headers:
+        lower = name.lower()
+        if (
+            lower in _HOP_BY_HOP
+            or lower in _FRAMING
+            or lower in _REQUEST_ONLY_DROPS
+            or lower in named
+        ):
+            continue
+        if lower == b"host":
+            has_host = True
+        out.append((name, value))
+    if not has_host:
+        out.insert(0, (b"host", upstream_authority.encode("ascii")))
+    _append_list(out, b"x-forwarded-for", client_host.encode("ascii"))
+    _append_list(out, b"x-forwarded-proto", scheme.encode("ascii"))
+    _append_list(out, b"via", VIA)
+    return out
+
+
+def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether the ``Content-Type`` is ``text/event-stream`` (SSE)."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
+
+
+def response_headers_for_client(
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    *,
+    keep_framing: bool,
+    keep_trailer: bool,
+) -> HeaderList:
+    """The upstream's response headers as the client should get them.
+
+    ``keep_framing`` keeps ``Content-Length`` / ``Transfer-Encoding`` as the
+    upstream sent them (the body is forwarded byte for byte); otherwise the
+    caller adds its own. ``keep_trailer`` keeps ``Trailer`` (true when the
+    trailer section itself is forwarded). Server-sent events get
+    ``X-Accel-Buffering: no`` so an nginx in front of relay does not buffer.
+    """
+    raw_headers = list(raw_headers)
+    named = _connection_tokens(raw_headers)
+    out: HeaderList = []
+    accel = False
+    for name, value in raw_headers:
+        lower = name.lower()
+        if lower in _HOP_BY_HOP or lower in named:
+            continue
+        if lower in _FRAMING and not keep_framing:
+            continue
+        if lower == b"trailer" and not keep_trailer:
+            continue
+        if lower == b"x-accel-buffering":
+            accel = True
+        out.append((name, value))
+    if not accel and is_event_stream(out):
+        out.append((b"x-accel-buffering", b"no"))
+    _append_list(out, b"via", VIA)
+    return out
+
+
+def response_head(
+    status: int,
+    reason: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    http_version: bytes = b"1.1",
+) -> bytes:
+    """Serialize a response head; an empty ``reason`` gets the standard phrase."""
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase.encode("ascii")
+        except ValueError:
+            reason = b""
+    parts = [b"HTTP/%b %d %b\r\n" % (http_version, status, reason)]
+    parts.extend(b"%b: %b\r\n" % pair for pair in headers)
+    parts.append(b"\r\n")
+    return b"".join(parts)
