@@ -23,7 +23,7 @@ import h11
 
 from .errors import RelayError, error_response
 from .exchange import Ending, Exchange, Phase
-from .headers import RequestHeadProblem, check_request_headers, find_head_problem
+from .headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
 from .upstream import set_nodelay
 
 if TYPE_CHECKING:
@@ -183,6 +183,13 @@ class ClientConnection(asyncio.Protocol):
         self.http_version = b"1.1" if request.http_version == b"1.1" else b"1.0"
         cfg = self.config
         self._cancel_timer()  # the exchange owns the deadlines from here
+        if head_length(raw_head) > cfg.max_header_bytes:
+            # h11 bounds only heads still incomplete; one that arrived whole
+            # in a single read is measured here.
+            self.send_error(
+                RelayError(431, "request head too large", "request_header_fields_too_large")
+            )
+            return
         problem = find_head_problem(raw_head)
         if problem is not None:
             self.send_error(RelayError(400, problem, "bad_request"))

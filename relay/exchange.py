@@ -149,11 +149,14 @@ class Exchange:
             scheme=client.scheme,
             upstream_authority=pool.address.authority,
         )
+        self._expects_body = False
         for name, value in request.headers:
             if name == b"content-length":
                 headers.append((b"content-length", value))
+                self._expects_body = value != b"0"
             elif name == b"transfer-encoding":
                 headers.append((b"transfer-encoding", b"chunked"))
+                self._expects_body = True
         self._upstream_request = h11.Request(
             method=request.method, target=request.target, headers=headers
         )
@@ -196,6 +199,18 @@ class Exchange:
         self._eof_seen = False
         self._sent_at = time.monotonic()
         self._rearm()
+        if not self._expects_body or self._replay or self.request_complete:
+            self._send_head()
+        # Otherwise the head waits for the first body bytes: until h11 has
+        # parsed them, a malformed chunked body must not reach the upstream.
+        if self._waiting_for_continue:
+            self._waiting_for_continue = False
+            self.client.transport.write(_CONTINUE)
+        self.client.exchange_ready_for_body()
+
+    def _send_head(self) -> None:
+        conn = self._h11
+        assert conn is not None
         self._send_upstream(conn.send(self._upstream_request))
         if self._replay:
             # A retry: the body so far goes again, as it went the first time.
@@ -203,10 +218,6 @@ class Exchange:
                 self._send_upstream(conn.send(h11.Data(data=piece)))
         if self.request_complete:
             self._finish_request()
-        if self._waiting_for_continue:
-            self._waiting_for_continue = False
-            self.client.transport.write(_CONTINUE)
-        self.client.exchange_ready_for_body()
 
     def _send_upstream(self, data: bytes | None) -> None:
         if data and self._upstream is not None:
@@ -216,22 +227,28 @@ class Exchange:
     def request_data(self, data: bytes) -> None:
         self.request_bytes += len(data)
         self._last_client_byte = time.monotonic()
+        conn = self._h11
+        if conn is not None and self.phase is not Phase.DONE and conn.our_state is h11.IDLE:
+            self._send_head()
         if self._replay is not None:
             self._replay_size += len(data)
             if self._replay_size <= REPLAY_LIMIT:
                 self._replay.append(data)
             else:
                 self._replay = None
-        if self.phase is Phase.DONE or self._h11 is None:
+        if self.phase is Phase.DONE or conn is None:
             return
-        if self._h11.our_state is h11.SEND_BODY:
-            self._send_upstream(self._h11.send(h11.Data(data=data)))
+        if conn.our_state is h11.SEND_BODY:
+            self._send_upstream(conn.send(h11.Data(data=data)))
 
     def request_end(self) -> None:
         self.request_complete = True
         if self.phase is Phase.DONE or self._h11 is None:
             return
-        self._finish_request()
+        if self._h11.our_state is h11.IDLE:
+            self._send_head()
+        else:
+            self._finish_request()
 
     def _finish_request(self) -> None:
         assert self._h11 is not None
@@ -300,12 +317,17 @@ class Exchange:
         conn = self._h11
         assert conn is not None
         status = event.status_code
+        names = [name for name, _ in event.headers]
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # RFC 9112 §6.3: a sign of smuggling or a broken upstream.
+            self._bad_gateway("upstream sent both Content-Length and Transfer-Encoding")
+            return
         self.status = status
         self.metrics.requests[status] += 1
         raw = event.headers.raw_items()
         client_v11 = self.client.http_version == b"1.1"
         no_body = self._head_request or status in (204, 304)
-        chunked = not no_body and any(n == b"transfer-encoding" for n, _ in event.headers)
+        chunked = not no_body and b"transfer-encoding" in names
         length = None
         if not no_body and not chunked:
             for name, value in event.headers:

@@ -24,6 +24,7 @@ __all__ = [
     "check_request_headers",
     "find_head_problem",
     "has_token",
+    "head_length",
     "is_event_stream",
     "request_headers_for_upstream",
     "response_head",
@@ -102,6 +103,12 @@ def find_head_problem(raw_head: bytes) -> str | None:
     if len(_CONTENT_LENGTH_LINE.findall(head)) > 1:
         return "duplicate Content-Length header"
     return None
+
+
+def head_length(raw_head: bytes) -> int:
+    """Length of the head at the start of ``raw_head`` (through its empty line)."""
+    end = _HEAD_END.search(raw_head)
+    return end.end() if end else len(raw_head)
 
 
 def check_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
