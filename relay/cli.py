@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .accesslog import setup_logging
 from .cliparse import EXIT_USAGE, OneLineParser
 from .config import PARSERS, Config, ConfigError, parse_listen, parse_upstream
 
@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen",
         metavar="ADDR",
-        default=":4000",
+        default=None,
         help="where to accept clients: :PORT (all interfaces), HOST:PORT or [V6]:PORT "
-        "(default :4000)",
+        f"(default {Config.default('listen')})",
     )
     parser.add_argument(
         "--upstream",
@@ -90,7 +90,7 @@ def _show_default(value: object, kind: str) -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the :class:`Config`; raises :class:`ConfigError` naming the flag."""
     values: dict[str, Any] = {
-        "listen": parse_listen(args.listen),
+        "listen": parse_listen(args.listen) if args.listen else Config.default("listen"),
         "upstream": parse_upstream(args.upstream),
         "loop": args.loop,
         "log_level": args.log_level,
@@ -101,14 +101,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if text is not None:
             values[spec.name] = PARSERS[meta["kind"]](text, meta["flag"])
     return Config(**values)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

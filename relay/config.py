@@ -45,7 +45,7 @@ class ListenAddress:
     def __str__(self) -> str:
         host = self.host
         if host is None:
-            return f"*:{self.port}"
+            return f":{self.port}"
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
 
