@@ -17,6 +17,7 @@ from . import __version__
 from .accesslog import setup_logging
 from .cliparse import EXIT_USAGE, OneLineParser
 from .config import PARSERS, Config, ConfigError, parse_listen, parse_upstream
+from .rewrite import ModelMap, ModelMapError, load_model_map_file, parse_model_map_item
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -51,6 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         required=True,
         help="the inference server: HOST:PORT or http://HOST:PORT",
+    )
+    models = parser.add_argument_group("model aliasing")
+    models.add_argument(
+        "--model-map",
+        metavar="ALIAS=TARGET",
+        action="append",
+        default=[],
+        help="requests naming ALIAS reach the upstream naming TARGET (repeatable)",
+    )
+    models.add_argument(
+        "--model-map-file",
+        metavar="PATH",
+        help='the same from a JSON file: {"alias": "target", ...}',
+    )
+    models.add_argument(
+        "--model",
+        metavar="TARGET",
+        help="every JSON request body with a model gets TARGET (after --model-map)",
     )
     limits = parser.add_argument_group("limits and timeouts")
     for spec in dataclasses.fields(Config):
@@ -95,12 +114,35 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "loop": args.loop,
         "log_level": args.log_level,
     }
+    values["model_map"] = _model_map(args)
     for spec in dataclasses.fields(Config):
         meta = spec.metadata
         text = getattr(args, spec.name, None) if "flag" in meta else None
         if text is not None:
             values[spec.name] = PARSERS[meta["kind"]](text, meta["flag"])
     return Config(**values)
+
+
+def _model_map(args: argparse.Namespace) -> ModelMap:
+    aliases: dict[str, str] = {}
+    if args.model_map_file:
+        try:
+            with open(args.model_map_file, encoding="utf-8") as file:
+                aliases.update(load_model_map_file(file.read()))
+        except OSError as exc:
+            raise ConfigError("--model-map-file", f"cannot read: {exc.strerror}") from None
+        except ModelMapError as exc:
+            raise ConfigError("--model-map-file", f"{args.model_map_file}: {exc}") from None
+    for item in args.model_map:
+        try:
+            alias, target = parse_model_map_item(item)
+        except ModelMapError as exc:
+            raise ConfigError("--model-map", str(exc)) from None
+        aliases[alias] = target
+    default = args.model.strip() if args.model is not None else None
+    if args.model is not None and not default:
+        raise ConfigError("--model", "must not be empty")
+    return ModelMap(aliases, default)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

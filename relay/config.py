@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .rewrite import ModelMap
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -184,6 +186,7 @@ class Config:
             help="idle upstream connections kept for reuse (0 disables pooling)",
         ),
     )
+    model_map: ModelMap = field(default_factory=ModelMap)
     loop: str = "auto"
     log_level: str = "info"
 

@@ -41,8 +41,9 @@ from .framing import (
     LengthFramer,
     encode_chunk,
 )
-from .headers import has_token, request_headers_for_upstream, response_head
+from .headers import has_token, is_json_or_untyped, request_headers_for_upstream, response_head
 from .headers import response_headers_for_client as client_headers
+from .rewrite import rewrite_model
 from .upstream import ConnectError, ConnectTimeout, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -157,9 +158,19 @@ class Exchange:
             elif name == b"transfer-encoding":
                 headers.append((b"transfer-encoding", b"chunked"))
                 self._expects_body = True
-        self._upstream_request = h11.Request(
-            method=request.method, target=request.target, headers=headers
-        )
+        self._upstream_headers = headers
+        # Model aliasing needs the whole JSON body (bounded by max_body_bytes);
+        # without a mapping, request bodies stream through untouched.
+        self._collected: list[bytes] | None = None
+        self.requested_model: str | None = None
+        self.forwarded_model: str | None = None
+        if (
+            config.model_map
+            and request.method == b"POST"
+            and self._expects_body
+            and is_json_or_untyped(request.headers)
+        ):
+            self._collected = []
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -211,7 +222,10 @@ class Exchange:
     def _send_head(self) -> None:
         conn = self._h11
         assert conn is not None
-        self._send_upstream(conn.send(self._upstream_request))
+        request = h11.Request(
+            method=self.request.method, target=self.request.target, headers=self._upstream_headers
+        )
+        self._send_upstream(conn.send(request))
         if self._replay:
             # A retry: the body so far goes again, as it went the first time.
             for piece in self._replay:
@@ -227,6 +241,9 @@ class Exchange:
     def request_data(self, data: bytes) -> None:
         self.request_bytes += len(data)
         self._last_client_byte = time.monotonic()
+        if self._collected is not None:
+            self._collected.append(data)
+            return
         conn = self._h11
         if conn is not None and self.phase is not Phase.DONE and conn.our_state is h11.IDLE:
             self._send_head()
@@ -243,12 +260,30 @@ class Exchange:
 
     def request_end(self) -> None:
         self.request_complete = True
+        if self._collected is not None:
+            self._rewrite_body(b"".join(self._collected))
+            self._collected = None
         if self.phase is Phase.DONE or self._h11 is None:
             return
         if self._h11.our_state is h11.IDLE:
             self._send_head()
         else:
             self._finish_request()
+
+    def _rewrite_body(self, body: bytes) -> None:
+        result = rewrite_model(body, self.config.model_map)
+        self.requested_model = result.requested
+        self.forwarded_model = result.forwarded
+        headers = [
+            (name, value)
+            for name, value in self._upstream_headers
+            if name not in (b"content-length", b"transfer-encoding")
+        ]
+        headers.append((b"content-length", b"%d" % len(result.body)))
+        self._upstream_headers = headers
+        # The (possibly rewritten) body goes out from the replay list, which
+        # also serves a retry; it is bounded by max_body_bytes.
+        self._replay = [result.body] if result.body else []
 
     def _finish_request(self) -> None:
         assert self._h11 is not None

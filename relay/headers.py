@@ -26,6 +26,7 @@ __all__ = [
     "has_token",
     "head_length",
     "is_event_stream",
+    "is_json_or_untyped",
     "request_headers_for_upstream",
     "response_head",
     "response_headers_for_client",
@@ -173,6 +174,15 @@ def request_headers_for_upstream(
     _append_list(out, b"x-forwarded-proto", scheme.encode("ascii"))
     _append_list(out, b"via", VIA)
     return out
+
+
+def is_json_or_untyped(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether the ``Content-Type`` is JSON (``application/json``, ``*+json``) or absent."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return True
 
 
 def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
