@@ -124,7 +124,9 @@ async def relay_for(upstream_port: int, **limits: Any) -> AsyncIterator[RelaySer
 
 
 @contextlib.asynccontextmanager
-async def setup(handler: Handler, **limits: Any) -> AsyncIterator[tuple[ScriptUpstream, RelayServer]]:
+async def setup(
+    handler: Handler, **limits: Any
+) -> AsyncIterator[tuple[ScriptUpstream, RelayServer]]:
     upstream = await ScriptUpstream(handler).start()
     try:
         async with relay_for(upstream.port, **limits) as relay:

@@ -25,10 +25,17 @@ START_TIMEOUT = 10.0
 class RelayThread:
     """A started relay; use as a context manager or call :meth:`stop`."""
 
-    def __init__(self, upstream: str, *, loop_kind: str = "uvloop", listen: str = "127.0.0.1:0",
-                 **limits: Any) -> None:
-        self.config = Config(listen=parse_listen(listen), upstream=parse_upstream(upstream),
-                             **limits)
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        loop_kind: str = "uvloop",
+        listen: str = "127.0.0.1:0",
+        **limits: Any,
+    ) -> None:
+        self.config = Config(
+            listen=parse_listen(listen), upstream=parse_upstream(upstream), **limits
+        )
         self.loop_kind = loop_kind
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: RelayServer | None = None

@@ -35,7 +35,7 @@ FIDELITY_PIECES = [
     b"1f;name=value\r\n" + b"a" * 0x1F + b"\r\n",
     b"5\r\nhel",  # a chunk split across two reads
     b"lo\r\n",
-    b"0000A;x=\"q v\"\r\n0123456789\r\n",
+    b'0000A;x="q v"\r\n0123456789\r\n',
     b"0\r\nx-trailer: yes\r\nx-other: 2\r\n\r\n",
 ]
 
@@ -361,7 +361,9 @@ async def _expect_error(relay, payload: bytes, status: int) -> dict:
     writer.write(payload)
     data = await read_to_eof(reader)
     head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 %d" % status) or head.startswith(b"HTTP/1.0 %d" % status), data
+    assert head.startswith(b"HTTP/1.1 %d" % status) or head.startswith(b"HTTP/1.0 %d" % status), (
+        data
+    )
     document = json.loads(body)
     assert set(document["error"]) == {"message", "type", "code"}
     return document
