@@ -201,7 +201,7 @@ def test_upstream_cut_mid_body_never_looks_complete(loop_kind, offset, how):
             except ConnectionResetError:
                 data = b""
             assert not data.endswith(b"0\r\n\r\n")
-            head, _, body = data.partition(b"\r\n\r\n")
+            _head, _, body = data.partition(b"\r\n\r\n")
             # What arrived is exactly a prefix of what the upstream sent.
             assert body == BODY[len(CHUNKED_HEAD) : offset][: len(body)]
             assert relay.metrics.truncated_streams == 1
@@ -412,7 +412,7 @@ def test_limits_answer_431_413_408_with_json_errors(loop_kind):
 
     async def main():
         limits = dict(max_header_bytes=4096, max_body_bytes=100, client_head_timeout=0.2)
-        async with setup(_never_called, **limits) as (up, relay):
+        async with setup(_never_called, **limits) as (_up, relay):
             big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 8000 + b"\r\n\r\n"
             await _expect_error(relay, big, 431)
             await _expect_error(relay, request_bytes(body=b"x" * 101), 413)
@@ -550,7 +550,7 @@ def test_conflicting_framing_from_upstream_is_502_and_not_reused(loop_kind):
         await asyncio.sleep(0.5)
 
     async def main():
-        async with setup(upstream) as (up, relay):
+        async with setup(upstream) as (_up, relay):
             await _expect_error(relay, request_bytes(), 502)
             assert relay.state.pool.idle_count == 0
 

@@ -10,6 +10,7 @@ fails them by hundreds of milliseconds.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import subprocess
@@ -47,7 +48,7 @@ def relay(request, sglang):
 def assert_streamed(times: list[float], start: float) -> float:
     """Each token arrived separately; return TTFT."""
     assert len(times) >= TOKENS
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps[: TOKENS - 1]) > 0.005, f"tokens arrived together: gaps {gaps}"
     return times[0] - start
 
