@@ -1,0 +1,139 @@
+"""`relay probe` and `relay demo`, run as a user runs them (subprocesses, real sockets).
+
+The probe must call a buffering intermediary BUFFERED (exit 1) and relay in
+front of the SGLang-like upstream streaming (exit 0).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+from relayfixture import RelayThread
+from sglang_app import SGLangServer
+
+pytestmark = pytest.mark.timeout(60)
+
+LIMIT = 30
+
+
+class BufferingProxy:
+    """The bug in miniature: read the whole upstream response, then send it at once."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(LIMIT)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with client:
+                client.settimeout(LIMIT)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += client.recv(65536)
+                head, _, body = request.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                while len(body) < length:
+                    body += client.recv(65536)
+                with socket.create_connection(("127.0.0.1", self.upstream_port), LIMIT) as up:
+                    up.sendall(head + b"\r\n\r\n" + body)
+                    response = b""
+                    while not response.endswith(b"\r\n0\r\n\r\n"):
+                        chunk = up.recv(65536)
+                        if not chunk:
+                            break
+                        response += chunk
+                client.sendall(response)
+
+    def __enter__(self) -> BufferingProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+def relay_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=LIMIT
+    )
+
+
+@pytest.fixture
+def sglang():
+    server = SGLangServer().start()
+    yield server
+    server.stop()
+
+
+PACE = ["--max-tokens", "8", "--model", "demo-model"]
+
+
+def test_probe_says_streaming_through_relay_and_buffered_through_a_buffering_proxy():
+    """Against the paced streamer: relay → streaming (0); a buffering proxy → BUFFERED (1)."""
+    streamer = subprocess.Popen(
+        [sys.executable, "-m", "relay.streamer", "--ttft", "0.05", "--gap", "0.02"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert streamer.stdout is not None
+        line = streamer.stdout.readline()
+        url = line.strip().rsplit(" ", 1)[-1]
+        port = int(url.rsplit(":", 1)[1])
+        with RelayThread(url) as relay:
+            result = relay_cli("probe", relay.url, *PACE)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "streaming" in result.stdout
+        with BufferingProxy(port) as proxy:
+            result = relay_cli("probe", f"http://127.0.0.1:{proxy.port}/v1", *PACE)
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "BUFFERED" in result.stdout
+            compare = relay_cli(
+                "probe", url, "--compare", f"http://127.0.0.1:{proxy.port}", *PACE, "--json"
+            )
+            assert compare.returncode == 1
+            verdicts = [d["verdict"] for d in json.loads(compare.stdout)]
+            assert verdicts == ["streaming", "BUFFERED"]
+    finally:
+        streamer.terminate()
+        streamer.wait(LIMIT)
+
+
+def test_probe_errors_are_one_line_with_exit_3(sglang):
+    """Refused connections, non-200 answers and non-SSE responses are clear one-line errors."""
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    refused = relay_cli("probe", f"http://127.0.0.1:{port}")
+    assert refused.returncode == 3
+    assert refused.stderr.count("\n") == 1 and "cannot connect" in refused.stderr
+    with RelayThread(sglang.url) as relay:
+        missing = relay_cli("probe", relay.url + "/nope")
+        assert missing.returncode == 3 and "HTTP 404" in missing.stderr
+    bad_flag = relay_cli("probe", "http://x", "--max-tokens", "0")
+    assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1
+
+
+def test_demo_runs_and_prints_the_side_by_side_table():
+    """`relay demo` starts its upstream and relay, probes both and exits 0."""
+    result = relay_cli("demo", "--tokens", "6", "--ttft", "50ms", "--gap", "15ms")
+    assert result.returncode == 0, result.stderr
+    assert "through relay" in result.stdout
+    assert result.stdout.count("streaming") == 2
