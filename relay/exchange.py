@@ -43,7 +43,7 @@ from .framing import (
 )
 from .headers import has_token, is_json_or_untyped, request_headers_for_upstream, response_head
 from .headers import response_headers_for_client as client_headers
-from .rewrite import rewrite_model
+from .rewrite import add_aliases_to_model_list, rewrite_model
 from .upstream import ConnectError, ConnectTimeout, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -60,6 +60,9 @@ log = logging.getLogger("relay.error")
 REPLAY_LIMIT = 1024 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+#: Largest upstream model list relay will hold to add aliases to.
+MAX_HELD_RESPONSE = 1024 * 1024
 
 
 class ClientSide(Protocol):
@@ -162,6 +165,13 @@ class Exchange:
         # Model aliasing needs the whole JSON body (bounded by max_body_bytes);
         # without a mapping, request bodies stream through untouched.
         self._collected: list[bytes] | None = None
+        self._lists_models = (
+            bool(config.model_map.aliases)
+            and request.method == b"GET"
+            and request.target.split(b"?", 1)[0] in (b"/v1/models", b"/models")
+        )
+        self._held_response: list[bytes] | None = None
+        self._held_head: tuple[int, bytes, list[tuple[bytes, bytes]]] | None = None
         self.requested_model: str | None = None
         self.forwarded_model: str | None = None
         if (
@@ -372,7 +382,15 @@ class Exchange:
         keep_trailer = True
         extra: list[tuple[bytes, bytes]] = []
         write = self.client.transport.write
-        if no_body:
+        collect = self._lists_models and status == 200 and not no_body
+        if collect:
+            # The model list gains the aliases: a small JSON body, held whole.
+            framer = ChunkedFramer(dechunk=True) if chunked else None
+            self._framer = framer or (LengthFramer(length) if length is not None else CloseFramer())
+            keep_framing = keep_trailer = False
+            self._held_response = []
+            write = self._holding_writer(framer)
+        elif no_body:
             self._framer = LengthFramer(0)
         elif chunked and client_v11:
             self._framer = ChunkedFramer(max_trailer_bytes=self.config.max_header_bytes)
@@ -411,9 +429,12 @@ class Exchange:
         )
         if not self._keep_client:
             headers.append((b"connection", b"close"))
-        self.client.transport.write(
-            response_head(status, event.reason, headers, http_version=self.client.http_version)
-        )
+        if collect:
+            self._held_head = (status, event.reason, headers)
+        else:
+            self.client.transport.write(
+                response_head(status, event.reason, headers, http_version=self.client.http_version)
+            )
         self.phase = Phase.BODY
         self._rearm()
         leftover, _closed = conn.trailing_data
@@ -421,6 +442,35 @@ class Exchange:
             self.upstream_data(leftover)
         elif self._framer.complete:
             self._complete()
+
+    def _holding_writer(self, framer: ChunkedFramer | None):  # noqa: ANN202
+        held = self._held_response
+        assert held is not None
+        size = 0
+
+        def write(data: bytes) -> None:
+            nonlocal size
+            if framer is not None:
+                assert framer.payload is not None
+                pieces = list(framer.payload)
+                framer.payload.clear()
+            else:
+                pieces = [data]
+            held.extend(pieces)
+            size += sum(len(piece) for piece in pieces)
+            if size > MAX_HELD_RESPONSE:
+                self._cut("model list too large to add aliases to")
+
+        return write
+
+    def _release_held_response(self) -> None:
+        assert self._held_response is not None and self._held_head is not None
+        status, reason, headers = self._held_head
+        body = add_aliases_to_model_list(b"".join(self._held_response), self.config.model_map)
+        headers.append((b"content-length", b"%d" % len(body)))
+        head = response_head(status, reason, headers, http_version=self.client.http_version)
+        self.client.transport.write(head + body)
+        self._held_response = None
 
     def _dechunked_writer(self, framer: ChunkedFramer):  # noqa: ANN202
         transport = self.client.transport
@@ -455,7 +505,11 @@ class Exchange:
                 with contextlib.suppress(FramingError):
                     self._framer.feed_eof()
                 if self._framer.complete:
-                    if isinstance(self._framer, CloseFramer) and self.client.http_version == b"1.1":
+                    if (
+                        isinstance(self._framer, CloseFramer)
+                        and self.client.http_version == b"1.1"
+                        and self._held_response is None
+                    ):
                         self.client.transport.write(LAST_CHUNK)
                     self._complete()
                     return
@@ -481,6 +535,8 @@ class Exchange:
 
     # -- endings --------------------------------------------------------------
     def _complete(self) -> None:
+        if self._held_response is not None:
+            self._release_held_response()
         upstream = self._upstream
         reusable = (
             self._upstream_reusable and self._h11 is not None and self._h11.our_state is h11.DONE

@@ -25,6 +25,7 @@ __all__ = [
     "ModelMap",
     "ModelMapError",
     "Rewrite",
+    "add_aliases_to_model_list",
     "load_model_map_file",
     "parse_model_map_item",
     "rewrite_model",
@@ -133,8 +134,31 @@ def rewrite_model(body: bytes, model_map: ModelMap) -> Rewrite:
     forwarded = model_map.target(requested)
     if forwarded is None:
         return Rewrite(body, requested, requested)
-    new_text = text[:start] + json.dumps(forwarded) + text[end:]
+    new_text = text[:start] + json.dumps(forwarded, ensure_ascii=False) + text[end:]
     return Rewrite(new_text.encode("utf-8"), requested, forwarded)
+
+
+def add_aliases_to_model_list(body: bytes, model_map: ModelMap) -> bytes:
+    """An OpenAI ``/v1/models`` list with the aliases appended as models.
+
+    Clients that check the list before calling find their alias. Each alias
+    entry says what it maps to in ``root`` (the field vLLM and SGLang use for
+    a served model's origin). Anything that is not such a list is returned
+    unchanged.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(document, dict) or not isinstance(document.get("data"), list):
+        return body
+    known = {entry.get("id") for entry in document["data"] if isinstance(entry, dict)}
+    for alias, target in model_map.aliases.items():
+        if alias not in known:
+            document["data"].append(
+                {"id": alias, "object": "model", "created": 0, "owned_by": "relay", "root": target}
+            )
+    return json.dumps(document, ensure_ascii=False).encode("utf-8")
 
 
 def parse_model_map_item(text: str) -> tuple[str, str]:
