@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from .accesslog import setup_logging
+from .auth import parse_key_file, parse_key_list
 from .cliparse import EXIT_USAGE, OneLineParser
 from .config import PARSERS, Config, ConfigError, parse_listen, parse_upstream
 from .rewrite import ModelMap, ModelMapError, load_model_map_file, parse_model_map_item
+from .tls import TLSError
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 SUBCOMMANDS = ("serve", "probe", "demo")
+KEYS_ENV = "RELAY_API_KEYS"
+UPSTREAM_KEY_ENV = "RELAY_UPSTREAM_API_KEY"
 
 _EPILOG = """\
 subcommands:
@@ -71,6 +76,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TARGET",
         help="every JSON request body with a model gets TARGET (after --model-map)",
     )
+    tls = parser.add_argument_group("TLS and API keys")
+    tls.add_argument("--tls-cert", metavar="PATH", help="serve TLS with this PEM certificate chain")
+    tls.add_argument("--tls-key", metavar="PATH", help="its private key (if not in --tls-cert)")
+    tls.add_argument(
+        "--tls-client-ca", metavar="PATH", help="require client certificates signed by this CA"
+    )
+    tls.add_argument(
+        "--upstream-ca", metavar="PATH", help="verify an https upstream against this CA"
+    )
+    tls.add_argument("--upstream-cert", metavar="PATH", help="client certificate for the upstream")
+    tls.add_argument("--upstream-key", metavar="PATH", help="its private key")
+    tls.add_argument(
+        "--upstream-insecure-skip-verify",
+        action="store_true",
+        help="DANGEROUS: do not verify the https upstream's certificate",
+    )
+    tls.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="keys clients must present (Authorization: Bearer or x-api-key), one per line; "
+        f"also ${KEYS_ENV}; reloaded on SIGHUP",
+    )
+    tls.add_argument(
+        "--upstream-api-key-file",
+        metavar="PATH",
+        help=f"key relay sends to the upstream instead of the client's; also ${UPSTREAM_KEY_ENV}",
+    )
     limits = parser.add_argument_group("limits and timeouts")
     for spec in dataclasses.fields(Config):
         meta = spec.metadata
@@ -115,12 +147,38 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "log_level": args.log_level,
     }
     values["model_map"] = _model_map(args)
+    for name in (
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "upstream_ca",
+        "upstream_cert",
+        "upstream_key",
+        "api_key_file",
+    ):
+        values[name] = getattr(args, name)
+    values["upstream_tls_verify"] = not args.upstream_insecure_skip_verify
+    values["api_keys"] = tuple(parse_key_list(os.environ.get(KEYS_ENV, "")))
+    values["upstream_api_key"] = _upstream_key(args)
     for spec in dataclasses.fields(Config):
         meta = spec.metadata
         text = getattr(args, spec.name, None) if "flag" in meta else None
         if text is not None:
             values[spec.name] = PARSERS[meta["kind"]](text, meta["flag"])
     return Config(**values)
+
+
+def _upstream_key(args: argparse.Namespace) -> str | None:
+    if args.upstream_api_key_file:
+        try:
+            with open(args.upstream_api_key_file, encoding="utf-8") as file:
+                keys = parse_key_file(file.read())
+        except OSError as exc:
+            raise ConfigError("--upstream-api-key-file", f"cannot read: {exc.strerror}") from None
+        if len(keys) != 1:
+            raise ConfigError("--upstream-api-key-file", "must hold exactly one key")
+        return keys[0]
+    return os.environ.get(UPSTREAM_KEY_ENV) or None
 
 
 def _model_map(args: argparse.Namespace) -> ModelMap:
@@ -168,7 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"relay: error: argument {exc.flag}: {exc.message}\n")
         return EXIT_USAGE
     setup_logging(config.log_level)
-    from .server import run, serve
+    from .server import preflight, run, serve
+
+    try:
+        preflight(config)
+    except (ConfigError, TLSError) as exc:
+        sys.stderr.write(f"relay: error: argument {exc.flag}: {exc.message}\n")
+        return EXIT_USAGE
 
     try:
         return run(serve(config), config.loop)

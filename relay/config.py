@@ -53,7 +53,7 @@ class ListenAddress:
 
 @dataclass(frozen=True)
 class UpstreamAddress:
-    """An upstream server: only plain ``http`` for now."""
+    """An upstream server, reached over ``http`` or ``https``."""
 
     host: str
     port: int
@@ -187,6 +187,18 @@ class Config:
         ),
     )
     model_map: ModelMap = field(default_factory=ModelMap)
+
+    # TLS and keys: paths are loaded (and checked) when the server starts.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    upstream_ca: str | None = None
+    upstream_cert: str | None = None
+    upstream_key: str | None = None
+    upstream_tls_verify: bool = True
+    api_key_file: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    upstream_api_key: str | None = field(default=None, repr=False)
     loop: str = "auto"
     log_level: str = "info"
 
@@ -202,6 +214,19 @@ class Config:
             least = 0 if spec.name == "upstream_keepalive" else 1
             if kind in ("size", "count") and value < least:
                 raise ConfigError(flag, f"must be a positive number, got {value!r}")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ConfigError("--tls-key", "needs --tls-cert")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca", "needs --tls-cert (client certificates need TLS)")
+        if self.upstream_key is not None and self.upstream_cert is None:
+            raise ConfigError("--upstream-key", "needs --upstream-cert")
+        https = self.upstream.scheme == "https"
+        for flag, value in (
+            ("--upstream-ca", self.upstream_ca),
+            ("--upstream-cert", self.upstream_cert),
+        ):
+            if value is not None and not https:
+                raise ConfigError(flag, "needs an https:// --upstream")
         if self.loop not in ("auto", "uvloop", "asyncio"):
             raise ConfigError("--loop", f"must be auto, uvloop or asyncio, got {self.loop!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -256,15 +281,13 @@ def parse_listen(text: str, flag: str = "--listen") -> ListenAddress:
 
 
 def parse_upstream(text: str, flag: str = "--upstream") -> UpstreamAddress:
-    """``HOST:PORT`` or ``http://HOST:PORT`` (a trailing ``/`` is allowed)."""
+    """``HOST:PORT``, ``http://HOST:PORT`` or ``https://HOST:PORT`` (a trailing ``/`` is fine)."""
     rest = text.strip()
     scheme, sep, after = rest.partition("://")
     if sep:
         scheme = scheme.lower()
-        if scheme == "https":
-            raise ConfigError(flag, "https upstreams are not supported yet; use http://HOST:PORT")
-        if scheme != "http":
-            raise ConfigError(flag, f"unsupported scheme {scheme!r}; use http://HOST:PORT")
+        if scheme not in ("http", "https"):
+            raise ConfigError(flag, f"unsupported scheme {scheme!r}; use http:// or https://")
         rest = after
     else:
         scheme = "http"

@@ -49,7 +49,8 @@ class ClientConnection(asyncio.Protocol):
         self.state = state
         self.config = state.config
         self.client_host = "unknown"
-        self.scheme = "http"
+        self.scheme = "https" if state.server_tls is not None else "http"
+        self.checks_keys = bool(state.keys)
         self.http_version = b"1.1"
         self.exchange: Exchange | None = None
         self._h11 = self._new_h11()
@@ -198,6 +199,16 @@ class ClientConnection(asyncio.Protocol):
             check_request_headers(request.headers)
         except RequestHeadProblem as exc:
             self.send_error(RelayError(exc.status, str(exc), "bad_request"))
+            return
+        if self.checks_keys and not self.state.keys.allows(request.headers):
+            self.send_error(
+                RelayError(
+                    401,
+                    "missing or invalid API key",
+                    "invalid_api_key",
+                    ((b"www-authenticate", b"Bearer"),),
+                )
+            )
             return
         if request.method == b"CONNECT":
             self.send_error(RelayError(405, "CONNECT is not supported", "method_not_allowed"))

@@ -22,6 +22,7 @@ class RelayError:
     status: int
     message: str
     code: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     @property
     def type(self) -> str:
@@ -48,6 +49,7 @@ def error_response(error: RelayError, *, http_version: bytes = b"1.1", close: bo
         b"content-length: %d\r\n" % len(body),
         b"cache-control: no-store\r\n",
     ]
+    head.extend(b"%b: %b\r\n" % pair for pair in error.headers)
     if close:
         head.append(b"connection: close\r\n")
     head.append(b"\r\n")

@@ -72,6 +72,7 @@ class ClientSide(Protocol):
     client_host: str
     scheme: str
     http_version: bytes
+    checks_keys: bool
 
     def exchange_ready_for_body(self) -> None: ...
     def hold_reading(self, paused: bool) -> None: ...
@@ -152,6 +153,8 @@ class Exchange:
             client_host=client.client_host,
             scheme=client.scheme,
             upstream_authority=pool.address.authority,
+            strip_credentials=client.checks_keys,
+            upstream_key=config.upstream_api_key,
         )
         self._expects_body = False
         for name, value in request.headers:

@@ -45,6 +45,7 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 # Expect is answered by relay itself (it sends 100 Continue when it is ready
 # for the body), so the upstream never waits for a continue of its own.
@@ -144,6 +145,8 @@ def request_headers_for_upstream(
     client_host: str,
     scheme: str,
     upstream_authority: str,
+    strip_credentials: bool = False,
+    upstream_key: str | None = None,
 ) -> HeaderList:
     """The request headers to send upstream, without framing fields.
 
@@ -151,6 +154,9 @@ def request_headers_for_upstream(
     and scheme appended (``Forwarded``-style list semantics, so a trusted
     proxy in front keeps its entries); ``Via`` gets relay's entry; ``Host``
     passes through and is added only when an HTTP/1.0 client sent none.
+    ``strip_credentials`` drops the client's ``Authorization`` and
+    ``x-api-key`` (relay's own keys never reach the upstream);
+    ``upstream_key`` puts relay's key for the upstream in their place.
     """
     raw_headers = list(raw_headers)
     named = _connection_tokens(raw_headers)
@@ -167,12 +173,16 @@ def request_headers_for_upstream(
             continue
         if lower == b"host":
             has_host = True
+        elif (strip_credentials or upstream_key) and lower in _CREDENTIALS:
+            continue
         out.append((name, value))
     if not has_host:
         out.insert(0, (b"host", upstream_authority.encode("ascii")))
     _append_list(out, b"x-forwarded-for", client_host.encode("ascii"))
     _append_list(out, b"x-forwarded-proto", scheme.encode("ascii"))
     _append_list(out, b"via", VIA)
+    if upstream_key:
+        out.append((b"authorization", b"Bearer " + upstream_key.encode("latin-1")))
     return out
 
 

@@ -16,12 +16,14 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .config import Config
+from .auth import KeyRing, parse_key_file
+from .config import Config, ConfigError
 from .downstream import ClientConnection
 from .metrics import Metrics
+from .tls import TLSError, reload_server_context, server_context, upstream_context
 from .upstream import UpstreamPool
 
-__all__ = ["RelayServer", "ServerState", "run", "serve"]
+__all__ = ["RelayServer", "ServerState", "load_keys", "preflight", "run", "serve"]
 
 log = logging.getLogger("relay.error")
 
@@ -29,22 +31,69 @@ log = logging.getLogger("relay.error")
 BACKLOG = 2048
 
 
+def load_keys(config: Config) -> list[str]:
+    """The proxy API keys: the key file's plus any given directly (environment)."""
+    keys = list(config.api_keys)
+    if config.api_key_file:
+        try:
+            with open(config.api_key_file, encoding="utf-8") as file:
+                keys += parse_key_file(file.read())
+        except OSError as exc:
+            raise ConfigError("--api-key-file", f"cannot read: {exc.strerror}") from None
+        if not keys:
+            raise ConfigError("--api-key-file", "holds no keys")
+    return keys
+
+
+def preflight(config: Config) -> None:
+    """Load every file the config names, so a bad one fails at start with its flag."""
+    ServerState(config)
+
+
 class ServerState:
     """What every connection of one server shares."""
 
     def __init__(self, config: Config) -> None:
+        """Build the shared state; raises ``TLSError`` or ``ConfigError`` on bad files."""
         self.config = config
         self.metrics = Metrics()
+        self.server_tls = (
+            server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert
+            else None
+        )
+        upstream_tls = None
+        if config.upstream.scheme == "https":
+            upstream_tls = upstream_context(
+                config.upstream_ca,
+                config.upstream_cert,
+                config.upstream_key,
+                verify=config.upstream_tls_verify,
+            )
+        self.keys = KeyRing(load_keys(config))
         self.pool = UpstreamPool(
             config.upstream,
             connect_timeout=config.upstream_connect_timeout,
             keepalive_timeout=config.upstream_keepalive_timeout,
             max_idle=config.upstream_keepalive,
             metrics=self.metrics,
+            ssl_context=upstream_tls,
         )
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._idle_waiter: asyncio.Future[None] | None = None
+
+    def reload(self) -> None:
+        """SIGHUP: reload the certificate and the key file; keep serving on failure."""
+        config = self.config
+        try:
+            if self.server_tls is not None and config.tls_cert:
+                reload_server_context(self.server_tls, config.tls_cert, config.tls_key)
+            self.keys.replace(load_keys(config))
+        except (TLSError, ConfigError) as exc:
+            log.error("reload failed, keeping the previous files: %s", exc)
+            return
+        log.info("reloaded certificates and keys (%d API keys)", len(self.keys))
 
     def connection_closed(self, conn: ClientConnection) -> None:
         waiter = self._idle_waiter
@@ -88,6 +137,8 @@ class RelayServer:
             port=config.listen.port,
             backlog=BACKLOG,
             reuse_address=True,
+            ssl=state.server_tls,
+            ssl_handshake_timeout=config.client_head_timeout if state.server_tls else None,
         )
         return cls(state, [server])
 
@@ -148,10 +199,15 @@ async def serve(config: Config, *, drain_timeout: float = 30.0) -> int:
     """Run until SIGTERM/SIGINT, then drain; a second signal exits at once."""
     try:
         server = await RelayServer.start(config)
+    except (TLSError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
     listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses)
+    if config.upstream.scheme == "https" and not config.upstream_tls_verify:
+        log.warning("upstream TLS certificates are NOT verified (--upstream-insecure-skip-verify)")
     log.info(
         "relay listening on %s, forwarding to %s (%s)",
         listening,
@@ -175,11 +231,12 @@ async def serve(config: Config, *, drain_timeout: float = 30.0) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, server.state.reload)
     try:
         await stop
         await server.close(drain_timeout)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
 

@@ -18,6 +18,7 @@ import contextlib
 import enum
 import logging
 import socket
+import ssl
 from typing import TYPE_CHECKING, Protocol, cast
 
 from .config import UpstreamAddress
@@ -153,12 +154,14 @@ class UpstreamPool:
         keepalive_timeout: float,
         max_idle: int,
         metrics: Metrics,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
         self.connect_timeout = connect_timeout
         self.keepalive_timeout = keepalive_timeout
         self.max_idle = max_idle
         self.metrics = metrics
+        self.ssl_context = ssl_context
         self._idle: list[UpstreamConnection] = []
         self.active = 0
 
@@ -193,11 +196,19 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.address.host, self.address.port
+                    lambda: UpstreamConnection(self),
+                    self.address.host,
+                    self.address.port,
+                    ssl=self.ssl_context,
+                    server_hostname=self.address.host if self.ssl_context else None,
                 )
         except TimeoutError:
             self.metrics.upstream_connect_errors += 1
             raise ConnectTimeout(f"connect to {self.address} timed out") from None
+        except ssl.SSLError as exc:
+            self.metrics.upstream_connect_errors += 1
+            reason = exc.reason or str(exc)
+            raise ConnectError(f"TLS handshake with {self.address} failed: {reason}") from None
         except OSError as exc:
             self.metrics.upstream_connect_errors += 1
             reason = exc.strerror or str(exc) or type(exc).__name__

@@ -209,8 +209,23 @@ class SGLangLike:
 class SGLangServer:
     """uvicorn serving :class:`SGLangLike` in a background thread on 127.0.0.1."""
 
-    def __init__(self, app: SGLangLike | None = None) -> None:
+    def __init__(
+        self,
+        app: SGLangLike | None = None,
+        *,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        ca_certs: str | None = None,
+    ) -> None:
         self.sglang = app or SGLangLike()
+        tls: dict[str, Any] = {}
+        if certfile:
+            tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+            if ca_certs:  # require client certificates (mTLS toward the upstream)
+                import ssl
+
+                tls.update(ssl_ca_certs=ca_certs, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        self.scheme = "https" if certfile else "http"
         config = uvicorn.Config(
             self.sglang.app,
             host="127.0.0.1",
@@ -219,6 +234,7 @@ class SGLangServer:
             loop="asyncio",
             log_level="critical",
             lifespan="off",
+            **tls,
         )
         self.server = uvicorn.Server(config)
         # Bound and listening before uvicorn runs: connections made before it
@@ -241,7 +257,7 @@ class SGLangServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.should_exit = True

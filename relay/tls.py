@@ -1,0 +1,84 @@
+"""SSL contexts for both sides, built from the standard ``ssl`` module.
+
+Listening: TLS 1.2 or later, ALPN ``http/1.1``, optional client certificates
+(mTLS). The same context object is reloaded in place on SIGHUP: OpenSSL gives
+every *new* handshake the context's current certificate, so connections
+already open keep theirs and nothing is dropped.
+
+Upstream: verified against the system store or a given CA, with SNI and
+hostname checking; an optional client certificate. Turning verification off
+takes an explicit flag and is logged as a warning at start.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+__all__ = ["TLSError", "reload_server_context", "server_context", "upstream_context"]
+
+
+class TLSError(ValueError):
+    """A certificate, key or CA file could not be used; ``flag`` names the option."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+        self.message = message
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+def _load_chain(context: ssl.SSLContext, cert: str, key: str | None, flag: str) -> None:
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSError(flag, f"cannot load {cert}: {_describe(exc)}") from None
+
+
+def server_context(cert: str, key: str | None, client_ca: str | None = None) -> ssl.SSLContext:
+    """The listening side's context; ``client_ca`` requires and verifies client certs."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    _load_chain(context, cert, key, "--tls-cert")
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            reason = f"cannot load {client_ca}: {_describe(exc)}"
+            raise TLSError("--tls-client-ca", reason) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def reload_server_context(context: ssl.SSLContext, cert: str, key: str | None) -> None:
+    """Load new certificate files into ``context``; new handshakes use them."""
+    _load_chain(context, cert, key, "--tls-cert")
+
+
+def upstream_context(
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    *,
+    verify: bool = True,
+) -> ssl.SSLContext:
+    """The context for ``https`` upstreams."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSError("--upstream-ca", f"cannot load {ca}: {_describe(exc)}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    if cert is not None:
+        _load_chain(context, cert, key, "--upstream-cert")
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
