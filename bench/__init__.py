@@ -1,0 +1,1 @@
+"""relay's benchmarks: ``python -m bench.run`` (see README, "Benchmarks")."""

@@ -1,0 +1,196 @@
+"""The processes under test: the token streamer, relay, nginx; and /proc accounting."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_LIMIT = 15.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of one process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+@dataclass
+class Peer:
+    """One running process (and its children, for nginx's workers)."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[str]
+    workdir: tempfile.TemporaryDirectory[str] | None = None
+    pids: list[int] = field(default_factory=list)
+
+    def all_pids(self) -> list[int]:
+        return [self.process.pid, *children(self.process.pid)]
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.all_pids())
+
+    def peak_rss_mb(self) -> float:
+        return max(peak_rss_mb(pid) for pid in self.all_pids())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(START_LIMIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(START_LIMIT)
+        if self.workdir is not None:
+            self.workdir.cleanup()
+
+
+def _pin(cpus: set[int] | None):
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _wait_line(process: subprocess.Popen[str], pattern: str, stream: str) -> re.Match[str]:
+    pipe = process.stdout if stream == "stdout" else process.stderr
+    assert pipe is not None
+    deadline = time.monotonic() + START_LIMIT
+    while time.monotonic() < deadline:
+        line = pipe.readline()
+        if not line:
+            break
+        match = re.search(pattern, line)
+        if match:
+            return match
+    process.kill()
+    raise RuntimeError(f"{process.args!r} did not start")
+
+
+def start_streamer(cpus: set[int] | None = None) -> Peer:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay.streamer", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_pin(cpus),
+    )
+    match = _wait_line(process, r"listening on http://127\.0\.0\.1:(\d+)", "stdout")
+    return Peer("streamer", int(match.group(1)), process)
+
+
+def start_relay(upstream_port: int, cpus: set[int] | None = None, *extra: str) -> Peer:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"127.0.0.1:{upstream_port}",
+            "--log-level",
+            "info",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_pin(cpus),
+    )
+    match = _wait_line(process, r"listening on 127\.0\.0\.1:(\d+)", "stderr")
+    assert process.stderr is not None
+    # Keep draining stderr so relay can never block on a full pipe.
+    import threading
+
+    stderr = process.stderr
+    threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()
+    return Peer("relay", int(match.group(1)), process)
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_buffering off;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_read_timeout 600s;
+    }}
+  }}
+}}
+"""
+
+
+def nginx_path() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_nginx(upstream_port: int, cpus: set[int] | None = None) -> Peer | None:
+    binary = nginx_path()
+    if binary is None:
+        return None
+    workdir = tempfile.TemporaryDirectory(prefix="relay-bench-nginx-")
+    port = free_port()
+    conf = Path(workdir.name) / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir.name, upstream=upstream_port, port=port))
+    process = subprocess.Popen(
+        [binary, "-c", str(conf), "-e", f"{workdir.name}/error.log"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=_pin(cpus),
+    )
+    import socket
+
+    deadline = time.monotonic() + START_LIMIT
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            break
+        except OSError:
+            if process.poll() is not None:
+                workdir.cleanup()
+                return None
+            time.sleep(0.05)
+    return Peer("nginx", port, process, workdir)

@@ -1,0 +1,292 @@
+"""Run relay's benchmarks: direct vs relay vs nginx, in one run, on one machine.
+
+    python -m bench.run            # everything, a few minutes on 2 cores
+    python -m bench.run --quick    # the smallest scenario only (smoke test)
+
+Writes bench/results/{results.json,results.md,timeline.png} and prints the
+table. Targets are reported as pass/fail lines, never asserted: they are
+ratios against the baselines measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.loadclient import StreamResult, run_streams
+from bench.peers import Peer, start_nginx, start_relay, start_streamer
+
+RESULTS = Path(__file__).parent / "results"
+GAP_MS = 24
+TTFT_MS = 250
+TOKENS = 64
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
+
+
+def summarize(results: list[StreamResult], wall: float, cpu: float | None) -> dict[str, Any]:
+    added = [(a - s) / 1e6 for r in results for a, s in zip(r.arrivals, r.sent, strict=True)]
+    coalesced = sum(
+        1
+        for r in results
+        for x, y in zip(r.arrivals, r.arrivals[1:], strict=False)
+        if y - x < 1_000_000
+    )
+    tokens = sum(len(r.arrivals) for r in results)
+    ttfts = [r.ttft_ms for r in results if r.ttft_ms is not None]
+    return {
+        "streams": len(results),
+        "tokens": tokens,
+        "errors": sum(1 for r in results if r.error),
+        "coalesced": coalesced,
+        "added_ms_p50": percentile(added, 0.5),
+        "added_ms_p99": percentile(added, 0.99),
+        "added_ms_max": max(added) if added else float("nan"),
+        "ttft_ms_p50": statistics.median(ttfts) if ttfts else float("nan"),
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "cpu_us_per_token": (cpu / tokens * 1e6) if cpu is not None and tokens else None,
+        "_added": added,
+        "_timeline": [(a - results[0].started_ns) / 1e6 for a in results[0].arrivals]
+        if results
+        else [],
+    }
+
+
+async def measure(
+    peer: Peer,
+    streams: int,
+    tokens: int,
+    gap_ms: float,
+    ttft_ms: float,
+    burst: int,
+    meter: Peer | None,
+) -> dict[str, Any]:
+    cpu_before = meter.cpu() if meter else None
+    results, wall = await run_streams(peer.port, streams, tokens, ttft_ms, gap_ms, burst)
+    cpu = meter.cpu() - cpu_before if meter and cpu_before is not None else None
+    summary = summarize(results, wall, cpu)
+    if meter is not None:
+        summary["peak_rss_mb"] = meter.peak_rss_mb()
+    return summary
+
+
+def run_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def paced(quick: bool) -> dict[str, dict[str, Any]]:
+    """N streams at the bug report's pace, through each peer."""
+    out: dict[str, dict[str, Any]] = {}
+    streamer = start_streamer()
+    peers: list[Peer] = []
+    try:
+        relay = start_relay(streamer.port)
+        peers.append(relay)
+        nginx = start_nginx(streamer.port)
+        if nginx is None:
+            print("nginx not installed: skipping the nginx peer", file=sys.stderr)
+        else:
+            peers.append(nginx)
+        targets: list[tuple[str, Peer, Peer | None]] = [("direct", streamer, None)]
+        targets += [(p.name, p, p) for p in peers]
+        for n in [1] if quick else [1, 100, 1000]:
+            tokens = 16 if quick else TOKENS
+            for name, target, meter in targets:
+                key = f"N={n}"
+                summary = run_loop(measure(target, n, tokens, GAP_MS, TTFT_MS, 1, meter))
+                out.setdefault(key, {})[name] = summary
+                print(
+                    f"  {key:8} {name:7} tokens={summary['tokens']:6} "
+                    f"errors={summary['errors']} coalesced={summary['coalesced']} "
+                    f"added p99={summary['added_ms_p99']:.2f} ms",
+                    flush=True,
+                )
+    finally:
+        for peer in peers:
+            peer.stop()
+        streamer.stop()
+    return out
+
+
+def saturation() -> dict[str, dict[str, Any]]:
+    """Gap 0, 8 streams: the intermediary pinned to CPU 0, everything else to CPU 1."""
+    out: dict[str, dict[str, Any]] = {}
+    if len(os.sched_getaffinity(0)) < 2:
+        print("fewer than 2 CPUs: skipping the pinned saturation run", file=sys.stderr)
+        return out
+    os.sched_setaffinity(0, {1})
+    streamer = start_streamer({1})
+    try:
+        for name, start in (("relay", start_relay), ("nginx", start_nginx)):
+            peer = start(streamer.port, {0})
+            if peer is None:
+                continue
+            try:
+                for burst in (1, 16):
+                    summary = run_loop(measure(peer, 8, 20000, 0, 0, burst, peer))
+                    out.setdefault(f"saturation burst {burst}", {})[name] = summary
+                    print(
+                        f"  saturation burst={burst:2} {name:6} "
+                        f"{summary['tokens_per_s']:9.0f} tok/s "
+                        f"{summary['cpu_us_per_token']:.2f} us/token",
+                        flush=True,
+                    )
+            finally:
+                peer.stop()
+    finally:
+        streamer.stop()
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return out
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def ratio(a: Any, b: Any) -> str:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| scenario | peer | tokens | errors | coalesced | added p50 ms | added p99 ms "
+        "| p99 vs nginx | TTFT p50 ms | tok/s | CPU µs/token | CPU vs nginx | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scenario, peers in results.items():
+        nginx = peers.get("nginx", {})
+        for name, s in peers.items():
+            lines.append(
+                f"| {scenario} | {name} | {s['tokens']} | {s['errors']} | {s['coalesced']} "
+                f"| {fmt(s['added_ms_p50'])} | {fmt(s['added_ms_p99'])} "
+                f"| {ratio(s['added_ms_p99'], nginx.get('added_ms_p99'))} "
+                f"| {fmt(s['ttft_ms_p50'], 1)} | {s['tokens_per_s']:.0f} "
+                f"| {fmt(s['cpu_us_per_token'])} "
+                f"| {ratio(s['cpu_us_per_token'], nginx.get('cpu_us_per_token'))} "
+                f"| {fmt(s.get('peak_rss_mb'), 1)} |"
+            )
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, dict[str, Any]]) -> list[str]:
+    verdicts = []
+
+    def check(label: str, ok: bool | None, detail: str) -> None:
+        mark = "n/a " if ok is None else ("PASS" if ok else "MISS")
+        verdicts.append(f"{mark} {label}: {detail}")
+
+    for scenario, peers in results.items():
+        if scenario.startswith("N=") and "relay" in peers:
+            c = peers["relay"]["coalesced"]
+            check(f"coalesced tokens through relay at {scenario}", c == 0, str(c))
+    for scenario in ("N=100", "N=1000"):
+        peers = results.get(scenario, {})
+        if "relay" in peers and "nginx" in peers:
+            r, n = peers["relay"]["added_ms_p99"], peers["nginx"]["added_ms_p99"]
+            check(f"added p99 at {scenario} no worse than nginx", r <= n, f"{r:.2f} vs {n:.2f} ms")
+    sat = results.get("saturation burst 1", {})
+    if "relay" in sat and "nginx" in sat:
+        r, n = sat["relay"]["cpu_us_per_token"], sat["nginx"]["cpu_us_per_token"]
+        check("CPU per token at burst 1 ≤ 1.5x nginx", r <= 1.5 * n, f"{r:.2f} vs {n:.2f} µs")
+    big = results.get("N=1000", {}).get("relay")
+    if big:
+        check(
+            "peak RSS at N=1000 ≤ 64 MB", big["peak_rss_mb"] <= 64, f"{big['peak_rss_mb']:.1f} MB"
+        )
+    one = results.get("N=1", {})
+    if "relay" in one and "direct" in one:
+        d = one["relay"]["ttft_ms_p50"] - one["direct"]["ttft_ms_p50"]
+        check("TTFT through relay within 1 ms of direct at N=1", abs(d) <= 1, f"{d:+.2f} ms")
+    return verdicts
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install '.[bench]'): no PNG", file=sys.stderr)
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for name, s in results.get("N=1", {}).items():
+        left.plot(s["_timeline"], range(len(s["_timeline"])), marker=".", label=name)
+    left.set(
+        title="one stream at 24 ms gaps: token arrivals",
+        xlabel="ms since request",
+        ylabel="token index",
+    )
+    left.legend()
+    for name, s in results.get("N=1000", results.get("N=1", {})).items():
+        values = sorted(s["_added"])
+        if values:
+            right.plot(values, [i / len(values) for i in range(len(values))], label=name)
+    right.set(
+        title="added latency CDF (N=1000)",
+        xlabel="arrival - upstream send (ms)",
+        ylabel="fraction of tokens",
+        xscale="log",
+    )
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smallest scenario only")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    print("paced streams (24 ms gaps, 250 ms to first token):", flush=True)
+    results = paced(args.quick)
+    if not args.quick:
+        print("saturation (gap 0, 8 streams, intermediary pinned to CPU 0):", flush=True)
+        results.update(saturation())
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    md = f"Run {stamp} on {machine}.\n\n{table(results)}\n\n" + "\n".join(
+        f"- {line}" for line in targets(results)
+    )
+    (RESULTS / "results.md").write_text(md + "\n")
+    public = {
+        k: {p: {m: v for m, v in s.items() if not m.startswith("_")} for p, s in peers.items()}
+        for k, peers in results.items()
+    }
+    (RESULTS / "results.json").write_text(
+        json.dumps({"date": stamp, "machine": machine, "results": public}, indent=2)
+    )
+    plot(results, RESULTS / "timeline.png")
+    print()
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
