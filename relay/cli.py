@@ -10,15 +10,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import __version__
 from .accesslog import setup_logging
 from .auth import parse_key_file, parse_key_list
 from .cliparse import EXIT_USAGE, OneLineParser
-from .config import PARSERS, Config, ConfigError, parse_listen, parse_upstream
+from .config import (
+    PARSERS,
+    Config,
+    ConfigError,
+    ListenAddress,
+    UpstreamAddress,
+    parse_listen,
+    parse_upstream,
+)
 from .rewrite import ModelMap, ModelMapError, load_model_map_file, parse_model_map_item
 from .tls import TLSError
 
@@ -115,6 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{meta['help']} (default {_show_default(spec.default, meta['kind'])})",
         )
+    ops = parser.add_argument_group("operations")
+    ops.add_argument(
+        "--admin-listen",
+        metavar="ADDR",
+        help="serve /metrics, /health and /ready here (off by default; never the proxy port)",
+    )
+    ops.add_argument(
+        "--workers",
+        type=int,
+        default=Config.default("workers"),
+        metavar="N",
+        help="processes accepting on the same port (default 1)",
+    )
+    ops.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=Config.default("log_format"),
+        help="log lines as text or JSON (default text); logs go to stderr",
+    )
+    ops.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration (secrets masked) and exit",
+    )
     parser.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -145,6 +178,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "upstream": parse_upstream(args.upstream),
         "loop": args.loop,
         "log_level": args.log_level,
+        "log_format": args.log_format,
+        "workers": args.workers,
+        "admin_listen": parse_listen(args.admin_listen, "--admin-listen")
+        if args.admin_listen
+        else None,
     }
     values["model_map"] = _model_map(args)
     for name in (
@@ -219,13 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo.main(args_list)
 
     parser = build_parser()
+    apply_environment(parser, os.environ)
     args = parser.parse_args(args_list)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
         sys.stderr.write(f"relay: error: argument {exc.flag}: {exc.message}\n")
         return EXIT_USAGE
-    setup_logging(config.log_level)
+    if args.print_config:
+        print(describe_config(config))
+        return 0
+    setup_logging(config.log_level, config.log_format)
     from .server import preflight, run, serve
 
     try:
@@ -233,8 +275,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TLSError) as exc:
         sys.stderr.write(f"relay: error: argument {exc.flag}: {exc.message}\n")
         return EXIT_USAGE
+    if config.workers == 1:
+        try:
+            return run(serve(config), config.loop)
+        except KeyboardInterrupt:
+            return 130
+    return _serve_workers(config)
 
-    try:
-        return run(serve(config), config.loop)
-    except KeyboardInterrupt:
-        return 130
+
+def _serve_workers(config: Config) -> int:
+    from .server import run, serve
+    from .systemd import listen_sockets
+    from .workers import run_workers
+
+    sockets = listen_sockets()
+    if not sockets:
+        host = config.listen.host
+        try:
+            sock = socket.create_server(
+                (host or "", config.listen.port),
+                family=socket.AF_INET6 if host and ":" in host else socket.AF_INET,
+                backlog=2048,
+            )
+        except OSError as exc:
+            sys.stderr.write(f"relay: error: argument --listen: {exc.strerror or exc}\n")
+            return 1
+        sockets = [sock]
+
+    def serve_one() -> int:
+        return run(serve(config, sockets=sockets), config.loop)
+
+    return run_workers(config.workers, sockets, serve_one)
+
+
+def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Every ``--flag`` may come from ``RELAY_FLAG`` (flags on the command line win)."""
+    for action in parser._actions:  # argparse has no public list of its actions
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.dest in ("help", "version"):
+            continue
+        name = "RELAY_" + longs[0][2:].upper().replace("-", "_")
+        value = environ.get(name)
+        if value is None:
+            continue
+        if action.nargs == 0:  # store_true flags
+            parser.set_defaults(**{action.dest: value.strip().lower() in ("1", "true", "yes")})
+        elif action.default == []:  # repeatable flags: comma-separated
+            parser.set_defaults(**{action.dest: [v for v in value.split(",") if v.strip()]})
+        else:
+            parser.set_defaults(**{action.dest: value})
+        action.required = False
+
+
+def describe_config(config: Config) -> str:
+    """The effective configuration, one ``name = value`` a line, secrets masked."""
+    lines = []
+    for spec in dataclasses.fields(config):
+        value: Any = getattr(config, spec.name)
+        if spec.name == "api_keys":
+            value = f"<{len(value)} keys>" if value else "none"
+        elif spec.name == "upstream_api_key":
+            value = "<set>" if value else "none"
+        elif spec.name == "model_map":
+            value = dict(value.aliases) | ({"*": value.default} if value.default else {})
+        elif isinstance(value, (ListenAddress, UpstreamAddress)):
+            value = str(value)
+        lines.append(f"{spec.name} = {value}")
+    return "\n".join(lines)

@@ -188,6 +188,19 @@ class Config:
     )
     model_map: ModelMap = field(default_factory=ModelMap)
 
+    # Operations.
+    admin_listen: ListenAddress | None = None
+    drain_timeout: float = field(
+        default=30.0,
+        metadata=_limits(
+            flag="--drain-timeout",
+            kind="duration",
+            help="on SIGTERM, how long in-flight streams may finish before they are closed",
+        ),
+    )
+    workers: int = 1
+    log_format: str = "text"
+
     # TLS and keys: paths are loaded (and checked) when the server starts.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -227,6 +240,12 @@ class Config:
         ):
             if value is not None and not https:
                 raise ConfigError(flag, "needs an https:// --upstream")
+        if self.workers < 1:
+            raise ConfigError("--workers", f"must be at least 1, got {self.workers}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("--log-format", f"must be text or json, got {self.log_format!r}")
+        if self.admin_listen is not None and self.admin_listen == self.listen:
+            raise ConfigError("--admin-listen", "must differ from --listen")
         if self.loop not in ("auto", "uvloop", "asyncio"):
             raise ConfigError("--loop", f"must be auto, uvloop or asyncio, got {self.loop!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -118,7 +118,7 @@ class ClientConnection(asyncio.Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None and exchange.phase is not Phase.DONE:
             exchange.abort(Ending.CLIENT_GONE)
-        self.state.connection_closed(self)
+        self.state.exchange_settled()
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -200,6 +200,9 @@ class ClientConnection(asyncio.Protocol):
         except RequestHeadProblem as exc:
             self.send_error(RelayError(exc.status, str(exc), "bad_request"))
             return
+        if self.state.draining:
+            self.send_error(RelayError(503, "relay is shutting down", "unavailable"))
+            return
         if self.checks_keys and not self.state.keys.allows(request.headers):
             self.send_error(
                 RelayError(
@@ -262,6 +265,7 @@ class ClientConnection(asyncio.Protocol):
 
     def exchange_finished(self, *, keep_alive: bool) -> None:
         self.exchange = None
+        self.state.exchange_settled()
         if self._closed:
             return
         if not keep_alive or self.state.draining:

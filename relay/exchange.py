@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import h11
 
+from .accesslog import log_exchange
 from .errors import RelayError
 from .framing import (
     LAST_CHUNK,
@@ -147,6 +148,10 @@ class Exchange:
         # Response side.
         self._last_upstream_byte = self.started
         self._client_paused_since: float | None = None
+        self._head_at: float | None = None
+        self._first_byte_at: float | None = None
+        self._observe_gap = metrics.upstream_read_gap.observe
+        metrics.active_exchanges += 1
 
         headers = request_headers_for_upstream(
             request.headers.raw_items(),
@@ -313,7 +318,13 @@ class Exchange:
     def upstream_data(self, data: bytes) -> None:
         if self.phase is Phase.BODY:
             # The hot path. Keep it short.
-            self._last_upstream_byte = time.monotonic()
+            now = time.monotonic()
+            if self._first_byte_at is not None:
+                self._observe_gap(now - self._last_upstream_byte)
+            else:
+                self._first_byte_at = now
+                self.metrics.time_to_first_byte.observe(now - self._sent_at)
+            self._last_upstream_byte = now
             framer = self._framer
             try:
                 taken = framer.feed(data)
@@ -372,6 +383,8 @@ class Exchange:
             return
         self.status = status
         self.metrics.requests[status] += 1
+        self._head_at = time.monotonic()
+        self.metrics.time_to_head.observe(self._head_at - self._sent_at)
         raw = event.headers.raw_items()
         client_v11 = self.client.http_version == b"1.1"
         no_body = self._head_request or status in (204, 304)
@@ -569,6 +582,7 @@ class Exchange:
         if self.phase is Phase.BODY:
             self._cut(error.message)
             return
+        self.status = error.status
         self._close_upstream()
         self._end(Ending.ERROR if error.status != 504 else Ending.TIMEOUT)
         self.client.send_error(error)
@@ -590,6 +604,26 @@ class Exchange:
     def _end(self, ending: Ending) -> None:
         self.phase = Phase.DONE
         self.ending = ending
+        metrics = self.metrics
+        metrics.active_exchanges -= 1
+        metrics.bytes_from_clients += self.request_bytes
+        metrics.bytes_to_clients += self.bytes_to_client
+        now = time.monotonic()
+        log_exchange(
+            client=self.client.client_host,
+            method=self.request.method,
+            target=self.request.target,
+            status=self.status,
+            upstream=str(self.pool.address),
+            requested_model=self.requested_model,
+            forwarded_model=self.forwarded_model,
+            bytes_in=self.request_bytes,
+            bytes_out=self.bytes_to_client,
+            head_s=None if self._head_at is None else self._head_at - self._sent_at,
+            ttft_s=None if self._first_byte_at is None else self._first_byte_at - self._sent_at,
+            total_s=now - self.started,
+            ending=ending.value,
+        )
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -1,16 +1,54 @@
-"""Counters relay keeps about itself (plain integers: cheap on the hot path).
+"""Counters and histograms relay keeps about itself, and their Prometheus text.
 
-The Prometheus exposition and histograms come with the admin listener; the
-counters exist from the start because every honest-ending and cancellation
-event must be counted, and tests read them.
+Recording must cost the hot path next to nothing: plain integer attributes,
+and histograms with a fixed bucket list where one observation is a
+``bisect`` and two additions. Rendering happens only when ``/metrics`` is
+scraped, on the admin listener.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Metrics"]
+__all__ = ["Histogram", "Metrics"]
+
+# Seconds. Time to head and TTFT span queueing (minutes); gaps are tokens (ms).
+SLOW_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
+
+
+class Histogram:
+    """A Prometheus histogram with fixed upper bounds (seconds)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def render(self, name: str, labels: str = "") -> list[str]:
+        lines = []
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            cumulative += count
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {cumulative}')
+        cumulative += self.counts[-1]
+        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {cumulative}')
+        suffix = f"{{{labels}}}" if labels else ""
+        lines.append(f"{name}_sum{suffix} {self.total:.6f}")
+        lines.append(f"{name}_count{suffix} {cumulative}")
+        return lines
 
 
 @dataclass
@@ -27,4 +65,73 @@ class Metrics:
     truncated_streams: int = 0
     client_disconnects: int = 0
     timeouts: int = 0
-    bytes_from_upstream: int = 0
+    bytes_from_clients: int = 0
+    bytes_to_clients: int = 0
+    active_exchanges: int = 0
+    time_to_head: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
+    time_to_first_byte: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
+    upstream_read_gap: Histogram = field(default_factory=lambda: Histogram(GAP_BUCKETS))
+
+    def render(self, *, upstream: str, gauges: Callable[[], dict[str, float]] | None = None) -> str:
+        """The Prometheus text exposition (format 0.0.4)."""
+        up = f'upstream="{upstream}"'
+        out: list[str] = []
+
+        def metric(name: str, kind: str, text: str, samples: list[str]) -> None:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+
+        by_status = sorted(self.requests.items()) or [(200, 0)]
+        metric(
+            "relay_requests_total",
+            "counter",
+            "Responses sent to clients, by status.",
+            [f'relay_requests_total{{{up},status="{s}"}} {n}' for s, n in by_status],
+        )
+        for name, attribute, text in _COUNTERS:
+            metric(name, "counter", text, [f"{name}{{{up}}} {getattr(self, attribute)}"])
+        gauge_values = {"relay_active_exchanges": float(self.active_exchanges)}
+        if gauges is not None:
+            gauge_values.update(gauges())
+        for name, value in gauge_values.items():
+            text = _GAUGE_HELP.get(name, name)
+            metric(name, "gauge", text, [f"{name}{{{up}}} {value:g}"])
+        for name, attribute, text in _HISTOGRAMS:
+            metric(name, "histogram", text, getattr(self, attribute).render(name, up))
+        return "\n".join(out) + "\n"
+
+
+_COUNTERS = [
+    ("relay_connections_accepted_total", "connections_accepted", "Client connections accepted."),
+    ("relay_connections_rejected_total", "connections_rejected",
+     "Client connections refused (limit or draining)."),
+    ("relay_upstream_connects_total", "upstream_connects", "Upstream connections opened."),
+    ("relay_upstream_connect_errors_total", "upstream_connect_errors",
+     "Upstream connects that failed."),
+    ("relay_upstream_reused_total", "upstream_reused",
+     "Requests sent on a pooled upstream connection."),
+    ("relay_upstream_retries_total", "upstream_retries",
+     "Requests replayed after a stale pooled connection."),
+    ("relay_truncated_streams_total", "truncated_streams",
+     "Responses cut because the upstream broke mid-body."),
+    ("relay_client_disconnects_total", "client_disconnects",
+     "Clients gone before their response completed."),
+    ("relay_timeouts_total", "timeouts", "Exchanges ended by a timeout."),
+    ("relay_received_bytes_total", "bytes_from_clients", "Request body bytes from clients."),
+    ("relay_sent_bytes_total", "bytes_to_clients", "Response body bytes sent to clients."),
+]  # fmt: skip
+_HISTOGRAMS = [
+    ("relay_upstream_head_seconds", "time_to_head", "Request sent to upstream response head."),
+    ("relay_first_byte_seconds", "time_to_first_byte",
+     "Request sent to the first upstream body byte (TTFT as relay sees it)."),
+    ("relay_upstream_read_gap_seconds", "upstream_read_gap",
+     "Gap between consecutive upstream body reads (inter-token latency)."),
+]  # fmt: skip
+_GAUGE_HELP = {
+    "relay_active_exchanges": "Exchanges in flight.",
+    "relay_client_connections": "Open client connections.",
+    "relay_upstream_pool_idle": "Idle pooled upstream connections.",
+    "relay_upstream_pool_active": "Upstream connections carrying an exchange.",
+    "relay_draining": "1 while relay drains before exit.",
+}

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-import sys
-from collections.abc import Callable, Coroutine
+import socket
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from . import systemd
+from .admin import AdminConnection
 from .auth import KeyRing, parse_key_file
 from .config import Config, ConfigError
 from .downstream import ClientConnection
@@ -81,7 +84,19 @@ class ServerState:
         )
         self.connections: set[ClientConnection] = set()
         self.draining = False
-        self._idle_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    def gauges(self) -> dict[str, float]:
+        """Point-in-time values for /metrics."""
+        return {
+            "relay_client_connections": len(self.connections),
+            "relay_upstream_pool_idle": self.pool.idle_count,
+            "relay_upstream_pool_active": self.pool.active,
+            "relay_draining": 1.0 if self.draining else 0.0,
+        }
+
+    def busy(self) -> bool:
+        return any(conn.exchange is not None for conn in self.connections)
 
     def reload(self) -> None:
         """SIGHUP: reload the certificate and the key file; keep serving on failure."""
@@ -95,23 +110,24 @@ class ServerState:
             return
         log.info("reloaded certificates and keys (%d API keys)", len(self.keys))
 
-    def connection_closed(self, conn: ClientConnection) -> None:
-        waiter = self._idle_waiter
-        if not self.connections and waiter is not None and not waiter.done():
+    def exchange_settled(self) -> None:
+        """A connection finished an exchange or closed: maybe the drain is over."""
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done() and not self.busy():
             waiter.set_result(None)
 
-    async def wait_all_closed(self, limit: float) -> bool:
-        """Wait (bounded) until no client connection is left; true if none is."""
-        if not self.connections:
+    async def wait_drained(self, limit: float) -> bool:
+        """Wait (bounded) until no exchange is in flight; true if none is."""
+        if not self.busy():
             return True
-        self._idle_waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiter = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(limit):
-                await self._idle_waiter
+                await self._drain_waiter
         except TimeoutError:
             return False
         finally:
-            self._idle_waiter = None
+            self._drain_waiter = None
         return True
 
 
@@ -121,9 +137,16 @@ class RelayServer:
     def __init__(self, state: ServerState, servers: list[asyncio.Server]) -> None:
         self.state = state
         self.servers = servers
+        self.admin_servers: list[asyncio.Server] = []
 
     @classmethod
-    async def start(cls, config: Config) -> RelayServer:
+    async def start(
+        cls,
+        config: Config,
+        *,
+        sockets: Sequence[socket.socket] = (),
+        reuse_port: bool = False,
+    ) -> RelayServer:
         """Bind ``config.listen`` and start accepting (raises ``OSError`` on bind failure)."""
         loop = asyncio.get_running_loop()
         state = ServerState(config)
@@ -131,16 +154,43 @@ class RelayServer:
         def factory() -> ClientConnection:
             return ClientConnection(state)
 
-        server = await loop.create_server(
-            factory,
-            host=config.listen.host,
-            port=config.listen.port,
-            backlog=BACKLOG,
-            reuse_address=True,
-            ssl=state.server_tls,
-            ssl_handshake_timeout=config.client_head_timeout if state.server_tls else None,
-        )
-        return cls(state, [server])
+        tls_timeout = config.client_head_timeout if state.server_tls else None
+        if sockets:
+            servers = [
+                await loop.create_server(
+                    factory,
+                    sock=sock,
+                    backlog=BACKLOG,
+                    ssl=state.server_tls,
+                    ssl_handshake_timeout=tls_timeout,
+                )
+                for sock in sockets
+            ]
+        else:
+            servers = [
+                await loop.create_server(
+                    factory,
+                    host=config.listen.host,
+                    port=config.listen.port,
+                    backlog=BACKLOG,
+                    reuse_address=True,
+                    reuse_port=reuse_port or None,
+                    ssl=state.server_tls,
+                    ssl_handshake_timeout=tls_timeout,
+                )
+            ]
+        relay = cls(state, servers)
+        if config.admin_listen is not None:
+            admin = await loop.create_server(
+                lambda: AdminConnection(state),
+                host=config.admin_listen.host,
+                port=config.admin_listen.port,
+                reuse_address=True,
+                # Workers share the admin port too; each answers for itself.
+                reuse_port=config.workers > 1 or None,
+            )
+            relay.admin_servers.append(admin)
+        return relay
 
     @property
     def metrics(self) -> Metrics:
@@ -172,20 +222,25 @@ class RelayServer:
         return f"http://{host}:{port}"
 
     async def close(self, drain_timeout: float = 0.0) -> None:
-        """Stop accepting, let in-flight exchanges finish for ``drain_timeout``, close."""
+        """Stop accepting, let in-flight exchanges finish for ``drain_timeout``, close.
+
+        While draining, a request arriving on an open keep-alive connection
+        is answered 503 with ``Connection: close``; each connection closes
+        once its exchange is done.
+        """
         state = self.state
         state.draining = True
         for server in self.servers:
             server.close()
-        for conn in list(state.connections):
-            if conn.exchange is None:
-                conn.close()  # idle keep-alive or mid-head: nothing in flight
-        if drain_timeout > 0 and not await state.wait_all_closed(drain_timeout):
-            log.warning("drain timeout: closing %d connections", len(state.connections))
+        if drain_timeout > 0 and not await state.wait_drained(drain_timeout):
+            busy = sum(1 for conn in state.connections if conn.exchange is not None)
+            log.warning("drain timeout: cutting %d streams still in flight", busy)
         for conn in list(state.connections):
             conn.close()
         state.pool.close()
-        for server in self.servers:
+        for server in self.admin_servers:
+            server.close()
+        for server in self.servers + self.admin_servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
@@ -195,10 +250,13 @@ def _describe_loop() -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-async def serve(config: Config, *, drain_timeout: float = 30.0) -> int:
+async def serve(
+    config: Config, *, sockets: Sequence[socket.socket] = (), reuse_port: bool = False
+) -> int:
     """Run until SIGTERM/SIGINT, then drain; a second signal exits at once."""
+    activated = list(sockets) or systemd.listen_sockets()
     try:
-        server = await RelayServer.start(config)
+        server = await RelayServer.start(config, sockets=activated, reuse_port=reuse_port)
     except (TLSError, ConfigError) as exc:
         log.error("%s", exc)
         return 2
@@ -222,23 +280,39 @@ async def serve(config: Config, *, drain_timeout: float = 30.0) -> int:
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("%s: draining (up to %.0f s)", signal.Signals(signum).name, drain_timeout)
+            log.info("%s: draining (up to %g s)", signal.Signals(signum).name, config.drain_timeout)
             if not stop.done():
                 stop.set_result(None)
         else:
             log.warning("second signal: exiting now")
-            sys.exit(0)
+            os._exit(0)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, server.state.reload)
+    interval = systemd.watchdog_interval()
+    watchdog: list[asyncio.TimerHandle] = []
+    if interval:
+        watchdog.append(loop.call_later(interval, _watchdog, loop, interval, watchdog))
+    systemd.notify(f"READY=1\nSTATUS=listening on {listening}")
     try:
         await stop
-        await server.close(drain_timeout)
+        systemd.notify("STOPPING=1")
+        await server.close(config.drain_timeout)
     finally:
+        for handle in watchdog:
+            handle.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
+
+
+def _watchdog(
+    loop: asyncio.AbstractEventLoop, interval: float, handles: list[asyncio.TimerHandle]
+) -> None:
+    # Pinged from the event loop itself: a stuck loop stops the pings.
+    systemd.notify("WATCHDOG=1")
+    handles[:] = [loop.call_later(interval, _watchdog, loop, interval, handles)]
 
 
 def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

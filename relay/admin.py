@@ -1,0 +1,105 @@
+"""The admin listener: ``/metrics``, ``/health`` and ``/ready``, never on the proxy port.
+
+It lives on its own address (``--admin-listen``) because SGLang has its own
+``/health`` and ``/metrics`` that must pass through the proxy port untouched.
+It is not behind the proxy's API keys. Each request is answered and the
+connection closed: scrapers and probes do not need keep-alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, cast
+
+import h11
+
+if TYPE_CHECKING:
+    from .server import ServerState
+
+__all__ = ["AdminConnection"]
+
+MAX_HEAD = 16 * 1024
+READY_CONNECT_TIMEOUT = 1.0
+
+
+class AdminConnection(asyncio.Protocol):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.task: asyncio.Task[None] | None = None
+        self._head_only = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        # Bounded: a client that never finishes its head is dropped.
+        self.timer = asyncio.get_running_loop().call_later(10, self.transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.task is not None:
+            return
+        self.h11.receive_data(data)
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError:
+            self._send(400, b"text/plain", b"bad request\n")
+            return
+        if isinstance(event, h11.Request):
+            self.task = asyncio.get_running_loop().create_task(self._answer(event))
+
+    async def _answer(self, request: h11.Request) -> None:
+        self._head_only = request.method == b"HEAD"
+        path = request.target.split(b"?", 1)[0]
+        state = self.state
+        if request.method not in (b"GET", b"HEAD"):
+            self._send(405, b"text/plain", b"method not allowed\n")
+        elif path == b"/metrics":
+            body = state.metrics.render(upstream=str(state.config.upstream), gauges=state.gauges)
+            self._send(200, b"text/plain; version=0.0.4; charset=utf-8", body.encode())
+        elif path == b"/health":
+            self._send(200, b"application/json", b'{"status":"ok"}\n')
+        elif path == b"/ready":
+            ready, reason = await self._ready()
+            document = {"ready": ready, "reason": reason}
+            self._send(
+                200 if ready else 503, b"application/json", json.dumps(document).encode() + b"\n"
+            )
+        else:
+            self._send(404, b"text/plain", b"not found\n")
+
+    async def _ready(self) -> tuple[bool, str]:
+        state = self.state
+        if state.draining:
+            return False, "draining"
+        pool = state.pool
+        if pool.idle_count or pool.active:
+            return True, "upstream connected"
+        address = pool.address
+        try:
+            async with asyncio.timeout(READY_CONNECT_TIMEOUT):
+                _, writer = await asyncio.open_connection(address.host, address.port)
+        except (OSError, TimeoutError):
+            return False, f"upstream {address} unreachable"
+        writer.close()
+        return True, "upstream reachable"
+
+    def _send(self, status: int, content_type: bytes, body: bytes) -> None:
+        reason = {
+            200: b"OK",
+            400: b"Bad Request",
+            404: b"Not Found",
+            405: b"Method Not Allowed",
+            503: b"Service Unavailable",
+        }.get(status, b"")
+        head = (
+            b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\ncontent-length: %d\r\n"
+            b"cache-control: no-store\r\nconnection: close\r\n\r\n"
+            % (status, reason, content_type, len(body))
+        )
+        self.transport.write(head if self._head_only else head + body)
+        self.transport.close()
