@@ -81,7 +81,7 @@ def test_metrics_parse_with_prometheus_client_and_count_what_happened(sglang):
     statuses = {s.labels["status"]: s.value for s in families["relay_requests"].samples}
     assert statuses == {"200": 1.0, "404": 1.0}
     gaps = families["relay_upstream_read_gap_seconds"]
-    count = [s.value for s in gaps.samples if s.name.endswith("_count")][0]
+    count = next(s.value for s in gaps.samples if s.name.endswith("_count"))
     assert count >= 1
     for name in (
         "relay_first_byte_seconds",
