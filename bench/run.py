@@ -101,6 +101,10 @@ def paced(quick: bool) -> dict[str, dict[str, Any]]:
     try:
         relay = start_relay(streamer.port)
         peers.append(relay)
+        if not quick:
+            workers = start_relay(streamer.port, None, "--workers", "2")
+            workers.name = "relay-w2"
+            peers.append(workers)
         nginx = start_nginx(streamer.port)
         if nginx is None:
             print("nginx not installed: skipping the nginx peer", file=sys.stderr)
