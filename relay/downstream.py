@@ -57,6 +57,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = bytearray()  # raw bytes of the current request head
         self._reading_head = True
         self._unprocessed = 0  # bytes fed to h11 while events were not pulled
+        self.writing_paused = False  # the client's write buffer is above its high mark
         self._paused_for_buffer = False
         self._paused_for_upstream = False
         self._closed = False
@@ -121,10 +122,12 @@ class ClientConnection(asyncio.Protocol):
         self.state.exchange_settled()
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.exchange is not None:
             self.exchange.client_pause_writing()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if self.exchange is not None:
             self.exchange.client_resume_writing()
 

@@ -74,6 +74,7 @@ class ClientSide(Protocol):
     scheme: str
     http_version: bytes
     checks_keys: bool
+    writing_paused: bool
 
     def exchange_ready_for_body(self) -> None: ...
     def hold_reading(self, paused: bool) -> None: ...
@@ -220,6 +221,9 @@ class Exchange:
 
     def _attach(self, upstream: UpstreamConnection) -> None:
         self._upstream = upstream
+        if self.client.writing_paused:
+            # A pipelined response is still unread: hold this one back too.
+            self.client_pause_writing()
         self._attached_reused = upstream.reused
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes)
         self._h11 = conn
