@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import TYPE_CHECKING, cast
 
 import h11
@@ -59,7 +60,7 @@ class AdminConnection(asyncio.Protocol):
         if request.method not in (b"GET", b"HEAD"):
             self._send(405, b"text/plain", b"method not allowed\n")
         elif path == b"/metrics":
-            body = state.metrics.render(upstream=str(state.config.upstream), gauges=state.gauges)
+            body = state.metrics.render(gauges=state.gauges)
             self._send(200, b"text/plain; version=0.0.4; charset=utf-8", body.encode())
         elif path == b"/health":
             self._send(200, b"application/json", b'{"status":"ok"}\n')
@@ -73,20 +74,25 @@ class AdminConnection(asyncio.Protocol):
             self._send(404, b"text/plain", b"not found\n")
 
     async def _ready(self) -> tuple[bool, str]:
+        """Not draining, and at least one upstream available and reachable."""
         state = self.state
         if state.draining:
             return False, "draining"
-        pool = state.pool
-        if pool.idle_count or pool.active:
-            return True, "upstream connected"
-        address = pool.address
-        try:
-            async with asyncio.timeout(READY_CONNECT_TIMEOUT):
-                _, writer = await asyncio.open_connection(address.host, address.port)
-        except (OSError, TimeoutError):
-            return False, f"upstream {address} unreachable"
-        writer.close()
-        return True, "upstream reachable"
+        now = time.monotonic()
+        pools = [pool for pool in state.router.pools.values() if pool.available(now)]
+        for pool in pools:
+            if pool.idle_count or pool.active:
+                return True, f"upstream {pool.address} connected"
+        for pool in pools:
+            address = pool.address
+            try:
+                async with asyncio.timeout(READY_CONNECT_TIMEOUT):
+                    _, writer = await asyncio.open_connection(address.host, address.port)
+            except (OSError, TimeoutError):
+                continue
+            writer.close()
+            return True, f"upstream {address} reachable"
+        return False, "no upstream available" if not pools else "no upstream reachable"
 
     def _send(self, status: int, content_type: bytes, body: bytes) -> None:
         reason = {

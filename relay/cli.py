@@ -20,12 +20,15 @@ from .accesslog import setup_logging
 from .auth import parse_key_file, parse_key_list
 from .cliparse import EXIT_USAGE, OneLineParser
 from .config import (
+    BALANCE_POLICIES,
     PARSERS,
     Config,
     ConfigError,
     ListenAddress,
     UpstreamAddress,
+    parse_duration,
     parse_listen,
+    parse_route,
     parse_upstream,
 )
 from .rewrite import ModelMap, ModelMapError, load_model_map_file, parse_model_map_item
@@ -64,8 +67,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--upstream",
         metavar="ADDR",
-        required=True,
-        help="the inference server: HOST:PORT or http://HOST:PORT",
+        action="append",
+        default=[],
+        help="the inference server: HOST:PORT, http://HOST:PORT or https://HOST:PORT "
+        "(required; repeat for several)",
+    )
+    fleet = parser.add_argument_group("several upstreams")
+    fleet.add_argument(
+        "--balance",
+        choices=BALANCE_POLICIES,
+        default=Config.default("balance"),
+        help="how requests are spread: least-requests (default: fewest streams in flight), "
+        "round-robin, random-two (power of two choices)",
+    )
+    fleet.add_argument(
+        "--route",
+        metavar="MODEL=UPSTREAM[,UPSTREAM...]",
+        action="append",
+        default=[],
+        help="requests whose JSON body names MODEL (after aliasing) go only to these upstreams "
+        "(repeatable)",
+    )
+    fleet.add_argument(
+        "--strict-models",
+        action="store_true",
+        help="answer 404 for models no --route names, instead of using the --upstream set",
+    )
+    fleet.add_argument(
+        "--health-check",
+        metavar="PATH",
+        help="actively GET PATH on each upstream (SGLang: /health) to eject and readmit it",
+    )
+    fleet.add_argument(
+        "--health-interval",
+        metavar="DURATION",
+        default=None,
+        help=f"seconds between health checks (default {Config.default('health_interval'):g}s)",
     )
     models = parser.add_argument_group("model aliasing")
     models.add_argument(
@@ -173,9 +210,17 @@ def _show_default(value: object, kind: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the :class:`Config`; raises :class:`ConfigError` naming the flag."""
+    if not args.upstream:
+        raise ConfigError("--upstream", "is required (HOST:PORT of the inference server)")
+    upstreams = [parse_upstream(text) for text in args.upstream]
     values: dict[str, Any] = {
         "listen": parse_listen(args.listen) if args.listen else Config.default("listen"),
-        "upstream": parse_upstream(args.upstream),
+        "upstream": upstreams[0],
+        "more_upstreams": tuple(u for u in dict.fromkeys(upstreams[1:]) if u != upstreams[0]),
+        "balance": args.balance,
+        "routes": tuple(parse_route(text) for text in args.route),
+        "strict_models": args.strict_models,
+        "health_check": args.health_check,
         "loop": args.loop,
         "log_level": args.log_level,
         "log_format": args.log_format,
@@ -195,6 +240,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "api_key_file",
     ):
         values[name] = getattr(args, name)
+    if args.health_interval is not None:
+        values["health_interval"] = parse_duration(args.health_interval, "--health-interval")
     values["upstream_tls_verify"] = not args.upstream_insecure_skip_verify
     values["api_keys"] = tuple(parse_key_list(os.environ.get(KEYS_ENV, "")))
     values["upstream_api_key"] = _upstream_key(args)
@@ -340,5 +387,13 @@ def describe_config(config: Config) -> str:
             value = dict(value.aliases) | ({"*": value.default} if value.default else {})
         elif isinstance(value, (ListenAddress, UpstreamAddress)):
             value = str(value)
+        elif spec.name == "more_upstreams":
+            value = ", ".join(map(str, value)) or "none"
+        elif spec.name == "routes":
+            value = "; ".join(f"{m}={','.join(map(str, t))}" for m, t in value) or "none"
+        elif spec.name == "more_upstreams":
+            value = ", ".join(map(str, value)) or "none"
+        elif spec.name == "routes":
+            value = "; ".join(f"{m}={','.join(map(str, t))}" for m, t in value) or "none"
         lines.append(f"{spec.name} = {value}")
     return "\n".join(lines)

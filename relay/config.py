@@ -87,6 +87,13 @@ class Config:
 
     listen: ListenAddress = ListenAddress(None, 4000)
     upstream: UpstreamAddress = UpstreamAddress("127.0.0.1", 30000)
+    # Several upstreams: the first is ``upstream``, the rest follow.
+    more_upstreams: tuple[UpstreamAddress, ...] = ()
+    balance: str = "least-requests"
+    routes: tuple[tuple[str, tuple[UpstreamAddress, ...]], ...] = ()
+    strict_models: bool = False
+    health_check: str | None = None
+    health_interval: float = 5.0
 
     max_header_bytes: int = field(
         default=64 * 1024,
@@ -240,6 +247,17 @@ class Config:
         ):
             if value is not None and not https:
                 raise ConfigError(flag, "needs an https:// --upstream")
+        if self.balance not in BALANCE_POLICIES:
+            choices = ", ".join(BALANCE_POLICIES)
+            raise ConfigError("--balance", f"must be one of {choices}, got {self.balance!r}")
+        if self.health_check is not None and not self.health_check.startswith("/"):
+            raise ConfigError("--health-check", "must be a path such as /health")
+        if not self.health_interval > 0:
+            raise ConfigError("--health-interval", "must be a positive duration")
+        if self.strict_models and not self.routes:
+            raise ConfigError("--strict-models", "needs at least one --route")
+        if len({u.scheme for u in self.all_upstreams}) > 1:
+            raise ConfigError("--upstream", "mixing http and https upstreams is not supported")
         if self.workers < 1:
             raise ConfigError("--workers", f"must be at least 1, got {self.workers}")
         if self.log_format not in ("text", "json"):
@@ -253,11 +271,26 @@ class Config:
                 "--log-level", f"must be debug, info, warning or error, got {self.log_level!r}"
             )
 
+    @property
+    def upstreams(self) -> tuple[UpstreamAddress, ...]:
+        """The default set: every ``--upstream``, in order."""
+        return (self.upstream, *self.more_upstreams)
+
+    @property
+    def all_upstreams(self) -> tuple[UpstreamAddress, ...]:
+        """Every upstream relay may talk to: the default set and the routes' ones."""
+        seen = dict.fromkeys(self.upstreams)
+        for _, targets in self.routes:
+            seen.update(dict.fromkeys(targets))
+        return tuple(seen)
+
     @classmethod
     def default(cls, name: str) -> Any:
         """The default of field ``name`` (so the CLI never repeats a default)."""
         return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
+
+BALANCE_POLICIES = ("least-requests", "round-robin", "random-two")
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-_]*[A-Za-z0-9])?")
@@ -360,3 +393,12 @@ def parse_count(text: str, flag: str) -> int:
 
 #: How each kind of limit field is parsed from text.
 PARSERS = {"size": parse_size, "duration": parse_duration, "count": parse_count}
+
+
+def parse_route(text: str, flag: str = "--route") -> tuple[str, tuple[UpstreamAddress, ...]]:
+    """``MODEL=UPSTREAM[,UPSTREAM...]`` → the model and its upstreams."""
+    model, sep, targets = text.partition("=")
+    model = model.strip()
+    if not sep or not model or not targets.strip():
+        raise ConfigError(flag, f"expected MODEL=UPSTREAM[,UPSTREAM...], got {text!r}")
+    return model, tuple(parse_upstream(t, flag) for t in targets.split(",") if t.strip())

@@ -227,7 +227,7 @@ class ClientConnection(asyncio.Protocol):
             self,
             request,
             config=cfg,
-            pool=self.state.pool,
+            router=self.state.router,
             metrics=self.state.metrics,
             waiting_for_continue=self._h11.they_are_waiting_for_100_continue,
         )
@@ -294,7 +294,7 @@ class ClientConnection(asyncio.Protocol):
 
     def send_error(self, error: RelayError) -> None:
         """Answer ``error`` (no response byte was sent yet) and close."""
-        self.state.metrics.requests[error.status] += 1
+        self.state.metrics.requests["relay", error.status] += 1
         log.info("%s %s -> %d %s", self.client_host, error.code, error.status, error.message)
         if not self._closed:
             self.transport.write(error_response(error, http_version=self.http_version))

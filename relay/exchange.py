@@ -45,7 +45,7 @@ from .framing import (
 from .headers import has_token, is_json_or_untyped, request_headers_for_upstream, response_head
 from .headers import response_headers_for_client as client_headers
 from .rewrite import add_aliases_to_model_list, rewrite_model
-from .upstream import ConnectError, ConnectTimeout, UpstreamConnection, UpstreamPool
+from .upstream import ConnectError, ConnectTimeout, Router, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
     from .config import Config
@@ -107,14 +107,16 @@ class Exchange:
         request: h11.Request,
         *,
         config: Config,
-        pool: UpstreamPool,
+        router: Router,
         metrics: Metrics,
         waiting_for_continue: bool,
     ) -> None:
         self.client = client
         self.request = request
         self.config = config
-        self.pool = pool
+        self.router = router
+        self.pool: UpstreamPool | None = None  # chosen when connecting
+        self._candidates: list[UpstreamPool] = router.default
         self.metrics = metrics
         self.phase = Phase.CONNECTING
         self.ending: Ending | None = None
@@ -158,7 +160,7 @@ class Exchange:
             request.headers.raw_items(),
             client_host=client.client_host,
             scheme=client.scheme,
-            upstream_authority=pool.address.authority,
+            upstream_authority=router.default[0].address.authority,
             strip_credentials=client.checks_keys,
             upstream_key=config.upstream_api_key,
         )
@@ -174,6 +176,7 @@ class Exchange:
         # Model aliasing needs the whole JSON body (bounded by max_body_bytes);
         # without a mapping, request bodies stream through untouched.
         self._collected: list[bytes] | None = None
+        self._route_by_body = False
         self._lists_models = (
             bool(config.model_map.aliases)
             and request.method == b"GET"
@@ -184,40 +187,75 @@ class Exchange:
         self.requested_model: str | None = None
         self.forwarded_model: str | None = None
         if (
-            config.model_map
+            (config.model_map or router.routes_by_model)
             and request.method == b"POST"
             and self._expects_body
             and is_json_or_untyped(request.headers)
         ):
             self._collected = []
+            # The upstream depends on the model the body names.
+            self._route_by_body = router.routes_by_model
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
-        self._task = self._loop.create_task(self._connect(fresh=False))
+        if self._route_by_body:
+            # relay reads the whole (JSON) body before choosing an upstream,
+            # so it invites the body itself, as nginx does.
+            if self._waiting_for_continue:
+                self._waiting_for_continue = False
+                self.client.transport.write(_CONTINUE)
+        else:
+            self._task = self._loop.create_task(self._connect(fresh=False))
         self._rearm()
 
     @property
     def ready_for_body(self) -> bool:
-        """Whether request body bytes can be forwarded right now."""
+        """Whether request body bytes can be taken right now."""
+        if self._collected is not None:
+            return True  # collected in memory (bounded by max_body_bytes)
         return self.phase is not Phase.CONNECTING and self._upstream is not None
 
+    def _assign(self, pool: UpstreamPool | None) -> None:
+        if self.pool is not None:
+            self.pool.outstanding -= 1
+        self.pool = pool
+        if pool is not None:
+            pool.outstanding += 1
+
     async def _connect(self, *, fresh: bool) -> None:
+        """Get a connection: a fresh one on the same pool (retry), or the balancer's pick.
+
+        A connect failure ejects that upstream for a while and the next
+        candidate is tried, each at most once: nothing was sent yet.
+        """
+        tried: set[UpstreamPool] = set()
+        error: RelayError | None = None
         try:
-            upstream = await self.pool.acquire(self, fresh=fresh)
-        except ConnectTimeout as exc:
-            log.warning("%s", exc)
-            self._fail(RelayError(504, "upstream connect timed out", "upstream_timeout"))
-            return
-        except ConnectError as exc:
-            log.warning("%s", exc)
-            self._fail(RelayError(502, "upstream unreachable", "upstream_unreachable"))
-            return
+            while True:
+                pool = self.pool if fresh else self.router.balancer.choose(self._candidates, tried)
+                if pool is None:
+                    break
+                self._assign(pool)
+                try:
+                    upstream = await pool.acquire(self, fresh=fresh)
+                except ConnectTimeout as exc:
+                    log.warning("%s", exc)
+                    error = RelayError(504, "upstream connect timed out", "upstream_timeout")
+                except ConnectError as exc:
+                    log.warning("%s", exc)
+                    error = RelayError(502, "upstream unreachable", "upstream_unreachable")
+                else:
+                    if self.phase is Phase.DONE:  # aborted while connecting
+                        pool.discard(upstream)
+                        return
+                    self._attach(upstream)
+                    return
+                if fresh:
+                    break
+                tried.add(pool)
         finally:
             self._task = None
-        if self.phase is Phase.DONE:  # aborted while connecting
-            self.pool.discard(upstream)
-            return
-        self._attach(upstream)
+        self._fail(error or RelayError(502, "no upstream available", "upstream_unreachable"))
 
     def _attach(self, upstream: UpstreamConnection) -> None:
         self._upstream = upstream
@@ -285,12 +323,28 @@ class Exchange:
         if self._collected is not None:
             self._rewrite_body(b"".join(self._collected))
             self._collected = None
+            if self._route_by_body:
+                self._route_by_body = False
+                self._route()
+                return
         if self.phase is Phase.DONE or self._h11 is None:
             return
         if self._h11.our_state is h11.IDLE:
             self._send_head()
         else:
             self._finish_request()
+
+    def _route(self) -> None:
+        """The body is in: pick the upstreams its model routes to, then connect."""
+        if self.phase is Phase.DONE:
+            return
+        candidates = self.router.candidates(self.forwarded_model)
+        if candidates is None:
+            model = self.forwarded_model or "(none)"
+            self._fail(RelayError(404, f"model {model!r} is not served here", "model_not_found"))
+            return
+        self._candidates = candidates
+        self._task = self._loop.create_task(self._connect(fresh=False))
 
     def _rewrite_body(self, body: bytes) -> None:
         result = rewrite_model(body, self.config.model_map)
@@ -386,7 +440,8 @@ class Exchange:
             self._bad_gateway("upstream sent both Content-Length and Transfer-Encoding")
             return
         self.status = status
-        self.metrics.requests[status] += 1
+        assert self.pool is not None
+        self.metrics.requests[str(self.pool.address), status] += 1
         self._head_at = time.monotonic()
         self.metrics.time_to_head.observe(self._head_at - self._sent_at)
         raw = event.headers.raw_items()
@@ -563,7 +618,7 @@ class Exchange:
         )
         keep_alive = self._keep_client and self.request_complete
         self._end(Ending.COMPLETE)
-        if upstream is not None:
+        if upstream is not None and self.pool is not None:
             self.pool.release(upstream, reusable=reusable)
         self.client.exchange_finished(keep_alive=keep_alive)
 
@@ -602,12 +657,14 @@ class Exchange:
 
     def _close_upstream(self) -> None:
         upstream, self._upstream = self._upstream, None
-        if upstream is not None:
+        if upstream is not None and self.pool is not None:
             self.pool.discard(upstream)
 
     def _end(self, ending: Ending) -> None:
         self.phase = Phase.DONE
         self.ending = ending
+        if self.pool is not None:
+            self.pool.outstanding -= 1
         metrics = self.metrics
         metrics.active_exchanges -= 1
         metrics.bytes_from_clients += self.request_bytes
@@ -618,7 +675,7 @@ class Exchange:
             method=self.request.method,
             target=self.request.target,
             status=self.status,
-            upstream=str(self.pool.address),
+            upstream=str(self.pool.address) if self.pool is not None else "-",
             requested_model=self.requested_model,
             forwarded_model=self.forwarded_model,
             bytes_in=self.request_bytes,

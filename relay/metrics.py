@@ -57,7 +57,8 @@ class Metrics:
 
     connections_accepted: int = 0
     connections_rejected: int = 0
-    requests: Counter[int] = field(default_factory=Counter)  # by status sent to the client
+    # Responses by (upstream, status); "relay" when relay answered itself.
+    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     upstream_connects: int = 0
     upstream_connect_errors: int = 0
     upstream_reused: int = 0
@@ -72,9 +73,10 @@ class Metrics:
     time_to_first_byte: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     upstream_read_gap: Histogram = field(default_factory=lambda: Histogram(GAP_BUCKETS))
 
-    def render(self, *, upstream: str, gauges: Callable[[], dict[str, float]] | None = None) -> str:
+    def render(
+        self, *, gauges: Callable[[], dict[str, list[tuple[str, float]]]] | None = None
+    ) -> str:
         """The Prometheus text exposition (format 0.0.4)."""
-        up = f'upstream="{upstream}"'
         out: list[str] = []
 
         def metric(name: str, kind: str, text: str, samples: list[str]) -> None:
@@ -82,23 +84,29 @@ class Metrics:
             out.append(f"# TYPE {name} {kind}")
             out.extend(samples)
 
-        by_status = sorted(self.requests.items()) or [(200, 0)]
+        by_status = sorted(self.requests.items()) or [(("relay", 200), 0)]
         metric(
             "relay_requests_total",
             "counter",
-            "Responses sent to clients, by status.",
-            [f'relay_requests_total{{{up},status="{s}"}} {n}' for s, n in by_status],
+            "Responses sent to clients, by upstream (relay: answered by relay) and status.",
+            [
+                f'relay_requests_total{{upstream="{up}",status="{status}"}} {n}'
+                for (up, status), n in by_status
+            ],
         )
         for name, attribute, text in _COUNTERS:
-            metric(name, "counter", text, [f"{name}{{{up}}} {getattr(self, attribute)}"])
-        gauge_values = {"relay_active_exchanges": float(self.active_exchanges)}
+            metric(name, "counter", text, [f"{name} {getattr(self, attribute)}"])
+        gauge_values = {"relay_active_exchanges": [("", float(self.active_exchanges))]}
         if gauges is not None:
             gauge_values.update(gauges())
-        for name, value in gauge_values.items():
-            text = _GAUGE_HELP.get(name, name)
-            metric(name, "gauge", text, [f"{name}{{{up}}} {value:g}"])
+        for name, samples in gauge_values.items():
+            lines = [
+                f"{name}{{{labels}}} {value:g}" if labels else f"{name} {value:g}"
+                for labels, value in samples
+            ]
+            metric(name, "gauge", _GAUGE_HELP.get(name, name), lines)
         for name, attribute, text in _HISTOGRAMS:
-            metric(name, "histogram", text, getattr(self, attribute).render(name, up))
+            metric(name, "histogram", text, getattr(self, attribute).render(name))
         return "\n".join(out) + "\n"
 
 
@@ -134,4 +142,6 @@ _GAUGE_HELP = {
     "relay_upstream_pool_idle": "Idle pooled upstream connections.",
     "relay_upstream_pool_active": "Upstream connections carrying an exchange.",
     "relay_draining": "1 while relay drains before exit.",
+    "relay_upstream_outstanding": "Requests assigned to the upstream and not finished.",
+    "relay_upstream_available": "1 unless ejected after failures or failing its health check.",
 }

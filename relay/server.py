@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from .config import Config, ConfigError
 from .downstream import ClientConnection
 from .metrics import Metrics
 from .tls import TLSError, reload_server_context, server_context, upstream_context
-from .upstream import UpstreamPool
+from .upstream import Balancer, Router, UpstreamPool
 
 __all__ = ["RelayServer", "ServerState", "load_keys", "preflight", "run", "serve"]
 
@@ -66,7 +67,7 @@ class ServerState:
             else None
         )
         upstream_tls = None
-        if config.upstream.scheme == "https":
+        if any(address.scheme == "https" for address in config.all_upstreams):
             upstream_tls = upstream_context(
                 config.upstream_ca,
                 config.upstream_cert,
@@ -74,25 +75,48 @@ class ServerState:
                 verify=config.upstream_tls_verify,
             )
         self.keys = KeyRing(load_keys(config))
-        self.pool = UpstreamPool(
-            config.upstream,
-            connect_timeout=config.upstream_connect_timeout,
-            keepalive_timeout=config.upstream_keepalive_timeout,
-            max_idle=config.upstream_keepalive,
-            metrics=self.metrics,
-            ssl_context=upstream_tls,
+        pools = {
+            address: UpstreamPool(
+                address,
+                connect_timeout=config.upstream_connect_timeout,
+                keepalive_timeout=config.upstream_keepalive_timeout,
+                max_idle=config.upstream_keepalive,
+                metrics=self.metrics,
+                ssl_context=upstream_tls,
+            )
+            for address in config.all_upstreams
+        }
+        self.router = Router(
+            pools,
+            config.upstreams,
+            config.routes,
+            balancer=Balancer(config.balance),
+            strict=config.strict_models,
         )
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
-    def gauges(self) -> dict[str, float]:
-        """Point-in-time values for /metrics."""
+    @property
+    def pool(self) -> UpstreamPool:
+        """The first upstream's pool (the only one in a single-upstream setup)."""
+        return self.router.default[0]
+
+    def gauges(self) -> dict[str, list[tuple[str, float]]]:
+        """Point-in-time values for /metrics: name → [(labels, value)]."""
+        now = time.monotonic()
+        pools = self.router.pools.values()
+
+        def per_pool(value: Callable[[UpstreamPool], float]) -> list[tuple[str, float]]:
+            return [(f'upstream="{pool.address}"', float(value(pool))) for pool in pools]
+
         return {
-            "relay_client_connections": len(self.connections),
-            "relay_upstream_pool_idle": self.pool.idle_count,
-            "relay_upstream_pool_active": self.pool.active,
-            "relay_draining": 1.0 if self.draining else 0.0,
+            "relay_client_connections": [("", float(len(self.connections)))],
+            "relay_draining": [("", 1.0 if self.draining else 0.0)],
+            "relay_upstream_pool_idle": per_pool(lambda p: p.idle_count),
+            "relay_upstream_pool_active": per_pool(lambda p: p.active),
+            "relay_upstream_outstanding": per_pool(lambda p: p.outstanding),
+            "relay_upstream_available": per_pool(lambda p: p.available(now)),
         }
 
     def busy(self) -> bool:
@@ -131,6 +155,38 @@ class ServerState:
         return True
 
 
+async def health_check(pool: UpstreamPool, path: str, interval: float) -> None:
+    """Every ``interval``, GET ``path`` on the upstream: 200 admits it, anything else ejects."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {pool.address.authority}\r\n"
+        "Connection: close\r\nUser-Agent: relay-health\r\n\r\n"
+    ).encode()
+    while True:
+        healthy = False
+        try:
+            async with asyncio.timeout(min(interval, 5.0)):
+                reader, writer = await asyncio.open_connection(
+                    pool.address.host,
+                    pool.address.port,
+                    ssl=pool.ssl_context,
+                    server_hostname=pool.address.host if pool.ssl_context else None,
+                )
+                try:
+                    writer.write(request)
+                    status_line = await reader.readline()
+                    healthy = status_line.split(b" ", 2)[1:2] == [b"200"]
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, ValueError):
+            healthy = False
+        if healthy != pool.healthy:
+            level = logging.INFO if healthy else logging.WARNING
+            verdict = "passes" if healthy else "fails"
+            log.log(level, "upstream %s %s its health check %s", pool.address, verdict, path)
+            pool.healthy = healthy
+        await asyncio.sleep(interval)
+
+
 class RelayServer:
     """A running relay: listening sockets plus shared state."""
 
@@ -138,6 +194,7 @@ class RelayServer:
         self.state = state
         self.servers = servers
         self.admin_servers: list[asyncio.Server] = []
+        self.health_tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     async def start(
@@ -180,6 +237,12 @@ class RelayServer:
                 )
             ]
         relay = cls(state, servers)
+        if config.health_check:
+            for pool in state.router.pools.values():
+                task = loop.create_task(
+                    health_check(pool, config.health_check, config.health_interval)
+                )
+                relay.health_tasks.append(task)
         if config.admin_listen is not None:
             admin = await loop.create_server(
                 lambda: AdminConnection(state),
@@ -237,7 +300,9 @@ class RelayServer:
             log.warning("drain timeout: cutting %d streams still in flight", busy)
         for conn in list(state.connections):
             conn.close()
-        state.pool.close()
+        for task in self.health_tasks:
+            task.cancel()
+        state.router.close()
         for server in self.admin_servers:
             server.close()
         for server in self.servers + self.admin_servers:

@@ -17,8 +17,11 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
 import socket
 import ssl
+import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
 from .config import UpstreamAddress
@@ -26,7 +29,17 @@ from .config import UpstreamAddress
 if TYPE_CHECKING:
     from .metrics import Metrics
 
-__all__ = ["ConnectError", "ConnectTimeout", "UpstreamConnection", "UpstreamPool"]
+__all__ = [
+    "Balancer",
+    "ConnectError",
+    "ConnectTimeout",
+    "Router",
+    "UpstreamConnection",
+    "UpstreamPool",
+]
+
+#: Longest passive ejection after repeated connect failures, seconds.
+MAX_EJECTION = 30.0
 
 log = logging.getLogger("relay.error")
 
@@ -164,6 +177,34 @@ class UpstreamPool:
         self.ssl_context = ssl_context
         self._idle: list[UpstreamConnection] = []
         self.active = 0
+        # Balancing and health: requests assigned and not finished, passive
+        # ejection after connect failures, and the active check's verdict.
+        self.outstanding = 0
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.healthy = True
+
+    def available(self, now: float) -> bool:
+        """Neither ejected after connect failures nor failing its health check."""
+        return self.healthy and now >= self.ejected_until
+
+    def connect_failed(self, now: float) -> None:
+        """Eject for a back-off that doubles with each failure in a row (1 s .. 30 s)."""
+        self.failures += 1
+        backoff = min(MAX_EJECTION, 2.0 ** (self.failures - 1))
+        self.ejected_until = now + backoff
+        log.warning(
+            "upstream %s ejected for %g s after %d failed connects",
+            self.address,
+            backoff,
+            self.failures,
+        )
+
+    def connect_succeeded(self) -> None:
+        if self.failures:
+            log.info("upstream %s is back", self.address)
+        self.failures = 0
+        self.ejected_until = 0.0
 
     @property
     def idle_count(self) -> int:
@@ -204,15 +245,19 @@ class UpstreamPool:
                 )
         except TimeoutError:
             self.metrics.upstream_connect_errors += 1
+            self.connect_failed(time.monotonic())
             raise ConnectTimeout(f"connect to {self.address} timed out") from None
         except ssl.SSLError as exc:
             self.metrics.upstream_connect_errors += 1
+            self.connect_failed(time.monotonic())
             reason = exc.reason or str(exc)
             raise ConnectError(f"TLS handshake with {self.address} failed: {reason}") from None
         except OSError as exc:
             self.metrics.upstream_connect_errors += 1
+            self.connect_failed(time.monotonic())
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise ConnectError(f"connect to {self.address} failed: {reason}") from None
+        self.connect_succeeded()
         return conn
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
@@ -249,3 +294,75 @@ class UpstreamPool:
         """Close every idle connection (shutdown)."""
         for conn in list(self._idle):
             conn.close()
+
+
+class Balancer:
+    """Picks an upstream for each request among a set of pools.
+
+    ``least-requests`` (the default) sends each request to the pool with the
+    fewest requests in flight: LLM streams last from seconds to minutes, so
+    counting them beats counting connections or taking turns.
+    ``random-two`` samples two pools and takes the less busy one ("power of
+    two choices"), which scales to large fleets; ``round-robin`` takes turns.
+    Ejected or unhealthy pools are skipped while any other is available;
+    when none is, all are tried rather than failing at once.
+    """
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self._turn = 0
+        self._random = random.Random()
+
+    def choose(
+        self, candidates: Sequence[UpstreamPool], exclude: set[UpstreamPool]
+    ) -> UpstreamPool | None:
+        remaining = [pool for pool in candidates if pool not in exclude]
+        if not remaining:
+            return None
+        now = time.monotonic()
+        pools = [pool for pool in remaining if pool.available(now)] or remaining
+        self._turn += 1
+        if self.policy == "round-robin" or len(pools) == 1:
+            return pools[self._turn % len(pools)]
+        if self.policy == "random-two":
+            first, second = self._random.sample(pools, 2)
+            return first if first.outstanding <= second.outstanding else second
+        # least-requests; ties broken by turn so equal pools share the load
+        start = self._turn % len(pools)
+        rotated = pools[start:] + pools[:start]
+        return min(rotated, key=lambda pool: pool.outstanding)
+
+
+class Router:
+    """Which pools may serve a request: the default set, or a model's route."""
+
+    def __init__(
+        self,
+        pools: dict[UpstreamAddress, UpstreamPool],
+        default: Sequence[UpstreamAddress],
+        routes: Sequence[tuple[str, Sequence[UpstreamAddress]]],
+        *,
+        balancer: Balancer,
+        strict: bool,
+    ) -> None:
+        self.pools = pools
+        self.default = [pools[address] for address in default]
+        self.routes = {model: [pools[a] for a in targets] for model, targets in routes}
+        self.balancer = balancer
+        self.strict = strict
+
+    @property
+    def routes_by_model(self) -> bool:
+        return bool(self.routes)
+
+    def candidates(self, model: str | None) -> list[UpstreamPool] | None:
+        """Pools for ``model``; ``None`` when strict routing does not know it."""
+        if model is not None and model in self.routes:
+            return self.routes[model]
+        if self.strict:
+            return None
+        return self.default
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()

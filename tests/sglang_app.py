@@ -40,6 +40,7 @@ class SGLangLike:
         self.requests: list[dict[str, Any]] = []
         self.disconnects: list[float] = []
         self.disconnected = threading.Event()
+        self.die_after: int | None = None  # every stream crashes after this many tokens
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -81,7 +82,7 @@ class SGLangLike:
         """Yield (index, token) at the requested pace; record a client disconnect at once."""
         ttft = float(body.get("test_ttft_ms", 0)) / 1000
         gap = float(body.get("test_gap_ms", 0)) / 1000
-        die_after = body.get("test_die_after")
+        die_after = body.get("test_die_after", self.die_after)
         watcher = asyncio.ensure_future(self._watch_disconnect(request))
         try:
             if ttft:
@@ -216,6 +217,7 @@ class SGLangServer:
         certfile: str | None = None,
         keyfile: str | None = None,
         ca_certs: str | None = None,
+        port: int = 0,
     ) -> None:
         self.sglang = app or SGLangLike()
         tls: dict[str, Any] = {}
@@ -239,7 +241,7 @@ class SGLangServer:
         self.server = uvicorn.Server(config)
         # Bound and listening before uvicorn runs: connections made before it
         # accepts wait in the backlog, so no readiness polling is needed.
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock = socket.create_server(("127.0.0.1", port))
         self._thread = threading.Thread(
             target=self.server.run,
             kwargs={"sockets": [self.sock]},

@@ -104,7 +104,7 @@ def test_health_and_ready_follow_the_upstream(sglang):
     with RelayThread(dead, admin_listen=parse_listen(f"127.0.0.1:{admin}")):
         assert httpx.get(f"http://127.0.0.1:{admin}/health").status_code == 200
         ready = httpx.get(f"http://127.0.0.1:{admin}/ready")
-        assert ready.status_code == 503 and "unreachable" in ready.json()["reason"]
+        assert ready.status_code == 503 and "no upstream" in ready.json()["reason"]
     with RelayThread(sglang.url, admin_listen=parse_listen(f"127.0.0.1:{admin}")):
         assert httpx.get(f"http://127.0.0.1:{admin}/ready").status_code == 200
 
