@@ -46,7 +46,7 @@ class ScriptUpstream:
     closed_at: list[float] = field(default_factory=list)
     server: asyncio.Server | None = None
     port: int = 0
-    _conn_event: asyncio.Event = field(default_factory=asyncio.Event)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> ScriptUpstream:
@@ -57,7 +57,7 @@ class ScriptUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self.received.append(bytearray())
-        self._conn_event.set()
+        self.connected.set()
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
