@@ -66,11 +66,13 @@ class _StreamProtocol(asyncio.Protocol):
             self.finished.set_result(None)
 
 
-def build_request(port: int, tokens: int, ttft_ms: float, gap_ms: float, burst: int) -> bytes:
+def build_request(
+    port: int, tokens: int, ttft_ms: float, gap_ms: float, burst: int, *, stream: bool = True
+) -> bytes:
     body = json.dumps(
         {
             "model": "demo-model",
-            "stream": True,
+            "stream": stream,
             "max_tokens": tokens,
             "messages": [{"role": "user", "content": "bench"}],
             "relay_ttft_ms": ttft_ms,
