@@ -159,6 +159,23 @@ def test_sigterm_lets_20_streams_finish_then_exits_0(sglang):
     kept.close()
 
 
+def test_a_second_sigterm_exits_at_once(sglang):
+    """During a drain a second SIGTERM ends the process without waiting for streams."""
+    process, port = start_relay("--upstream", sglang.url, "--drain-timeout", "60s")
+    body = {**CHAT, "stream": True, "max_tokens": 1000, "test_gap_ms": 100}
+    with httpx.Client(timeout=LIMIT) as client:
+        with client.stream(
+            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body
+        ) as response:
+            lines = response.iter_lines()  # kept: dropping it would close the stream
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert process.poll() is None  # draining: the stream keeps it alive
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(5) == 0
+
+
 def test_sd_notify_ready_and_stopping(sglang, tmp_path):
     """Under a service manager relay sends READY=1 once listening and STOPPING=1 on drain."""
     path = str(tmp_path / "notify")

@@ -137,3 +137,24 @@ def test_demo_runs_and_prints_the_side_by_side_table():
     assert result.returncode == 0, result.stderr
     assert "through relay" in result.stdout
     assert result.stdout.count("streaming") == 2
+
+
+def test_probe_completions_json_and_tls_error():
+    """--completions measures /v1/completions; https to a plain port is a one-line TLS error."""
+    streamer = subprocess.Popen(
+        [sys.executable, "-m", "relay.streamer", "--ttft", "0.02", "--gap", "0.01"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert streamer.stdout is not None
+        url = streamer.stdout.readline().strip().rsplit(" ", 1)[-1]
+        result = relay_cli("probe", url, "--completions", "--json", *PACE)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["tokens"] == 8
+        tls = relay_cli("probe", url.replace("http://", "https://"), *PACE)
+        assert tls.returncode == 3
+        assert tls.stderr.count("\n") == 1 and "TLS" in tls.stderr
+    finally:
+        streamer.terminate()
+        streamer.wait(LIMIT)
