@@ -6,11 +6,13 @@ front of the SGLang-like upstream streaming (exit 0).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 from relayfixture import RelayThread
@@ -84,17 +86,25 @@ def sglang():
 PACE = ["--max-tokens", "8", "--model", "demo-model"]
 
 
-def test_probe_says_streaming_through_relay_and_buffered_through_a_buffering_proxy():
-    """Against the paced streamer: relay → streaming (0); a buffering proxy → BUFFERED (1)."""
-    streamer = subprocess.Popen(
-        [sys.executable, "-m", "relay.streamer", "--ttft", "0.05", "--gap", "0.02"],
+@contextlib.contextmanager
+def streamer_process(ttft: str, gap: str) -> Iterator[str]:
+    """`python -m relay.streamer` in a subprocess; yields its URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay.streamer", "--ttft", ttft, "--gap", gap],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert streamer.stdout is not None
-        line = streamer.stdout.readline()
-        url = line.strip().rsplit(" ", 1)[-1]
+        assert process.stdout is not None
+        yield process.stdout.readline().strip().rsplit(" ", 1)[-1]
+    finally:
+        process.terminate()
+        process.wait(LIMIT)
+
+
+def test_probe_says_streaming_through_relay_and_buffered_through_a_buffering_proxy():
+    """Against the paced streamer: relay → streaming (0); a buffering proxy → BUFFERED (1)."""
+    with streamer_process("0.05", "0.02") as url:
         port = int(url.rsplit(":", 1)[1])
         with RelayThread(url) as relay:
             result = relay_cli("probe", relay.url, *PACE)
@@ -110,9 +120,6 @@ def test_probe_says_streaming_through_relay_and_buffered_through_a_buffering_pro
             assert compare.returncode == 1
             verdicts = [d["verdict"] for d in json.loads(compare.stdout)]
             assert verdicts == ["streaming", "BUFFERED"]
-    finally:
-        streamer.terminate()
-        streamer.wait(LIMIT)
 
 
 def test_probe_errors_are_one_line_with_exit_3(sglang):
@@ -141,20 +148,10 @@ def test_demo_runs_and_prints_the_side_by_side_table():
 
 def test_probe_completions_json_and_tls_error():
     """--completions measures /v1/completions; https to a plain port is a one-line TLS error."""
-    streamer = subprocess.Popen(
-        [sys.executable, "-m", "relay.streamer", "--ttft", "0.02", "--gap", "0.01"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert streamer.stdout is not None
-        url = streamer.stdout.readline().strip().rsplit(" ", 1)[-1]
+    with streamer_process("0.02", "0.01") as url:
         result = relay_cli("probe", url, "--completions", "--json", *PACE)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["tokens"] == 8
         tls = relay_cli("probe", url.replace("http://", "https://"), *PACE)
         assert tls.returncode == 3
         assert tls.stderr.count("\n") == 1 and "TLS" in tls.stderr
-    finally:
-        streamer.terminate()
-        streamer.wait(LIMIT)
