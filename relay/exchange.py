@@ -279,19 +279,21 @@ class Exchange:
             self.client.transport.write(_CONTINUE)
         self.client.exchange_ready_for_body()
 
-    def _send_head(self) -> None:
+    def _send_head(self, unreplayed: bytes = b"") -> None:
+        """Send the request head with the body received so far, in one write."""
         conn = self._h11
         assert conn is not None
         request = h11.Request(
             method=self.request.method, target=self.request.target, headers=self._upstream_headers
         )
-        self._send_upstream(conn.send(request))
-        if self._replay:
-            # A retry: the body so far goes again, as it went the first time.
-            for piece in self._replay:
-                self._send_upstream(conn.send(h11.Data(data=piece)))
-        if self.request_complete:
-            self._finish_request()
+        parts = [conn.send(request)]
+        # The body so far: on a retry, everything sent the first time.
+        parts.extend(conn.send(h11.Data(data=piece)) for piece in self._replay or ())
+        if unreplayed:
+            parts.append(conn.send(h11.Data(data=unreplayed)))
+        if self.request_complete and conn.our_state is h11.SEND_BODY:
+            parts.append(conn.send(h11.EndOfMessage()))
+        self._send_upstream(b"".join(part for part in parts if part))
 
     def _send_upstream(self, data: bytes | None) -> None:
         if data and self._upstream is not None:
@@ -304,18 +306,19 @@ class Exchange:
         if self._collected is not None:
             self._collected.append(data)
             return
-        conn = self._h11
-        if conn is not None and self.phase is not Phase.DONE and conn.our_state is h11.IDLE:
-            self._send_head()
         if self._replay is not None:
             self._replay_size += len(data)
             if self._replay_size <= REPLAY_LIMIT:
                 self._replay.append(data)
             else:
                 self._replay = None
+        conn = self._h11
         if self.phase is Phase.DONE or conn is None:
             return
-        if conn.our_state is h11.SEND_BODY:
+        if conn.our_state is h11.IDLE:
+            # The head waited for these first bytes; they go out together.
+            self._send_head(unreplayed=data if self._replay is None else b"")
+        elif conn.our_state is h11.SEND_BODY:
             self._send_upstream(conn.send(h11.Data(data=data)))
 
     def request_end(self) -> None:
