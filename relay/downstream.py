@@ -39,6 +39,10 @@ log = logging.getLogger("relay.error")
 WRITE_HIGH = 64 * 1024
 WRITE_LOW = 16 * 1024
 
+#: How long an answered client may go on sending a request body that relay
+#: drops (nginx's lingering_time is 30 s; a body that long is not worth it).
+LINGER_TIME = 5.0
+
 
 class ClientConnection(asyncio.Protocol):
     """One client connection, carrying requests one after another."""
@@ -64,6 +68,7 @@ class ClientConnection(asyncio.Protocol):
         self._cycle_started = time.monotonic()
         self._idle = True
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
@@ -116,6 +121,7 @@ class ClientConnection(asyncio.Protocol):
         self._closed = True
         self.state.connections.discard(self)
         self._cancel_timer()
+        self._cancel_linger()
         exchange, self.exchange = self.exchange, None
         if exchange is not None and exchange.phase is not Phase.DONE:
             exchange.abort(Ending.CLIENT_GONE)
@@ -271,8 +277,13 @@ class ClientConnection(asyncio.Protocol):
         self.state.exchange_settled()
         if self._closed:
             return
+        if self._paused_for_upstream:
+            # A hold set by that exchange's upstream ends with it: the next
+            # request is read whatever state that connection was left in.
+            self._paused_for_upstream = False
+            self._update_reading()
         if not keep_alive or self.state.draining:
-            self.close()
+            self._close_after_answer()
             return
         # Next cycle: a fresh h11 connection, seeded with what is buffered.
         data, closed = self._h11.trailing_data
@@ -298,11 +309,40 @@ class ClientConnection(asyncio.Protocol):
         log.info("%s %s -> %d %s", self.client_host, error.code, error.status, error.message)
         if not self._closed:
             self.transport.write(error_response(error, http_version=self.http_version))
-        self.close()
+        self._close_after_answer()
+
+    def _close_after_answer(self) -> None:
+        """Close after an answer, even one sent before the request body was all read.
+
+        Closing a socket with unread bytes makes the kernel send a reset,
+        which can destroy the answer before the client reads it (a client
+        still uploading would see ECONNRESET instead of the 413 or 504). So,
+        as nginx's lingering close does, relay shuts down its sending side
+        and reads and drops what still comes, for a bounded time.
+        """
+        if self._closed or self._h11.their_state is not h11.SEND_BODY:
+            self.close()
+            return
+        if not self.transport.can_write_eof():
+            self.close()  # TLS: no half-close
+            return
+        self._closed = True
+        self._cancel_timer()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None and exchange.phase is not Phase.DONE:
+            exchange.abort(Ending.ERROR)
+        self.transport.write_eof()
+        self.transport.resume_reading()  # data_received drops it while closed
+        self._linger = asyncio.get_running_loop().call_later(LINGER_TIME, self.transport.abort)
 
     def close_truncated(self) -> None:
         """Close after flushing what was written, without ending the message."""
         self.close()
+
+    def drop(self) -> None:
+        """Close at once, discarding unsent bytes: the client stopped reading."""
+        self.close()
+        self.transport.abort()
 
     def close(self) -> None:
         if self._closed:
@@ -312,8 +352,14 @@ class ClientConnection(asyncio.Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None and exchange.phase is not Phase.DONE:
             exchange.abort(Ending.ERROR)
-        # close() flushes the write buffer first: what was relayed arrives.
+        # close() flushes the write buffer first: what was relayed arrives. A
+        # client that never reads it must not hold the socket (and its
+        # --max-connections slot) forever, so the flush has a deadline.
         self.transport.close()
+        if self.transport.get_write_buffer_size():
+            self._linger = asyncio.get_running_loop().call_later(
+                self.config.client_send_timeout, self.transport.abort
+            )
 
     # -- deadlines --------------------------------------------------------------
     def _arm(self, when: float) -> None:
@@ -324,6 +370,11 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -36,16 +36,27 @@ from .errors import RelayError
 from .framing import (
     LAST_CHUNK,
     BodyFramer,
+    BodyKind,
     ChunkedFramer,
+    ClientFraming,
     CloseFramer,
     FramingError,
     LengthFramer,
     encode_chunk,
+    plan_response,
 )
 from .headers import has_token, is_json_or_untyped, request_headers_for_upstream, response_head
 from .headers import response_headers_for_client as client_headers
-from .rewrite import add_aliases_to_model_list, rewrite_model
-from .upstream import ConnectError, ConnectTimeout, Router, UpstreamConnection, UpstreamPool
+from .modellist import MAX_MODEL_LIST_BYTES, merge_model_lists, parse_model_list
+from .rewrite import rewrite_model
+from .upstream import (
+    ConnectError,
+    ConnectTimeout,
+    Router,
+    UpstreamConnection,
+    UpstreamPool,
+    fetch,
+)
 
 if TYPE_CHECKING:
     from .config import Config
@@ -62,8 +73,8 @@ REPLAY_LIMIT = 1024 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-#: Largest upstream model list relay will hold to add aliases to.
-MAX_HELD_RESPONSE = 1024 * 1024
+#: How long relay waits for each upstream's model list.
+MODEL_LIST_TIMEOUT = 5.0
 
 
 class ClientSide(Protocol):
@@ -81,6 +92,7 @@ class ClientSide(Protocol):
     def exchange_finished(self, *, keep_alive: bool) -> None: ...
     def send_error(self, error: RelayError) -> None: ...
     def close_truncated(self) -> None: ...
+    def drop(self) -> None: ...
 
 
 class Phase(enum.Enum):
@@ -139,11 +151,14 @@ class Exchange:
         self._retried = False
         self._attached_reused = False
         self._keep_client = False
+        self._rechunked = False
+        self._head_bytes_in = 0  # upstream bytes fed to h11 while waiting for the head
 
         # Request side: the client's body arrives as h11 Data events.
         self.request_complete = False
         self.request_bytes = 0
         self._last_client_byte = self.started
+        self._upstream_full_since: float | None = None  # upstream not taking the body
         self._sent_at = self.started
         self._replay: list[bytes] | None = []  # body pieces sent so far, for a retry
         self._replay_size = 0
@@ -177,13 +192,14 @@ class Exchange:
         # without a mapping, request bodies stream through untouched.
         self._collected: list[bytes] | None = None
         self._route_by_body = False
+        # relay answers the model list itself when it knows names (aliases,
+        # routes) or upstreams (several) that one upstream's list would miss.
         self._lists_models = (
-            bool(config.model_map.aliases)
-            and request.method == b"GET"
+            request.method == b"GET"
+            and not self._expects_body
             and request.target.split(b"?", 1)[0] in (b"/v1/models", b"/models")
+            and bool(config.model_map.aliases or router.routes or len(router.pools) > 1)
         )
-        self._held_response: list[bytes] | None = None
-        self._held_head: tuple[int, bytes, list[tuple[bytes, bytes]]] | None = None
         self.requested_model: str | None = None
         self.forwarded_model: str | None = None
         if (
@@ -198,7 +214,9 @@ class Exchange:
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
-        if self._route_by_body:
+        if self._lists_models:
+            self._task = self._loop.create_task(self._answer_model_list())
+        elif self._route_by_body:
             # relay reads the whole (JSON) body before choosing an upstream,
             # so it invites the body itself, as nginx does.
             if self._waiting_for_continue:
@@ -211,8 +229,8 @@ class Exchange:
     @property
     def ready_for_body(self) -> bool:
         """Whether request body bytes can be taken right now."""
-        if self._collected is not None:
-            return True  # collected in memory (bounded by max_body_bytes)
+        if self._collected is not None or self._lists_models:
+            return True  # collected in memory (bounded by max_body_bytes), or none
         return self.phase is not Phase.CONNECTING and self._upstream is not None
 
     def _assign(self, pool: UpstreamPool | None) -> None:
@@ -269,6 +287,9 @@ class Exchange:
         self._got_upstream_bytes = False
         self._eof_seen = False
         self._sent_at = time.monotonic()
+        self._head_bytes_in = 0
+        # Reading the body resumes now; the client is not to blame for the wait.
+        self._last_client_byte = self._sent_at
         self._rearm()
         if not self._expects_body or self._replay or self.request_complete:
             self._send_head()
@@ -349,6 +370,63 @@ class Exchange:
         self._candidates = candidates
         self._task = self._loop.create_task(self._connect(fresh=False))
 
+    async def _answer_model_list(self) -> None:
+        """Ask every upstream for its models at once; answer with the merged list."""
+        router = self.router
+        pools = list(router.pools.values())
+        target = self.request.target.split(b"?", 1)[0]
+        headers = [(n, v) for n, v in self._upstream_headers if n.lower() != b"host"]
+        try:
+            answers = await asyncio.gather(
+                *(
+                    fetch(
+                        pool,
+                        target,
+                        [(b"host", pool.address.authority.encode("ascii")), *headers],
+                        timeout=MODEL_LIST_TIMEOUT,
+                        limit=MAX_MODEL_LIST_BYTES,
+                    )
+                    for pool in pools
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            self._task = None
+        lists = []
+        for pool, answer in zip(pools, answers, strict=True):
+            entries = None
+            if isinstance(answer, tuple) and answer[0] == 200:
+                entries = parse_model_list(answer[1])
+            if entries is None:
+                problem = answer if isinstance(answer, BaseException) else "no model list"
+                log.warning("upstream %s: %s for %s", pool.address, problem, self._target)
+            else:
+                lists.append(entries)
+        if not lists:
+            self._fail(RelayError(502, "no upstream returned its model list", "bad_gateway"))
+            return
+        body = merge_model_lists(
+            lists, model_map=self.config.model_map, routed=router.routes, strict=router.strict
+        )
+        self.status = 200
+        self.metrics.requests["relay", 200] += 1
+        keep = (
+            self.request_complete
+            and self.client.http_version == b"1.1"
+            and not has_token(self.request.headers, b"connection", b"close")
+        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        if not keep:
+            headers.append((b"connection", b"close"))
+        head = response_head(200, b"", headers, http_version=self.client.http_version)
+        self.bytes_to_client = len(body)
+        self.client.transport.write(head + body)
+        self._end(Ending.COMPLETE)
+        self.client.exchange_finished(keep_alive=keep)
+
     def _rewrite_body(self, body: bytes) -> None:
         result = rewrite_model(body, self.config.model_map)
         self.requested_model = result.requested
@@ -370,9 +448,16 @@ class Exchange:
             self._send_upstream(self._h11.send(h11.EndOfMessage()))
 
     def upstream_pause_writing(self) -> None:
+        # relay stops reading the client's body: the upstream is not taking it.
+        # That pause is relay's doing, so the client's body deadline waits too.
+        self._upstream_full_since = time.monotonic()
         self.client.hold_reading(True)
+        if self.phase is not Phase.DONE:
+            self._rearm()
 
     def upstream_resume_writing(self) -> None:
+        self._upstream_full_since = None
+        self._last_client_byte = time.monotonic()
         self.client.hold_reading(False)
 
     # -- response (called by the upstream connection) ---------------------
@@ -402,6 +487,7 @@ class Exchange:
             return
         if self.phase is Phase.WAITING:
             self._got_upstream_bytes = True
+            self._head_bytes_in += len(data)
             self._last_upstream_byte = time.monotonic()
             assert self._h11 is not None
             self._h11.receive_data(data)
@@ -437,118 +523,78 @@ class Exchange:
         conn = self._h11
         assert conn is not None
         status = event.status_code
-        names = [name for name, _ in event.headers]
-        if b"content-length" in names and b"transfer-encoding" in names:
+        chunked = False
+        length: int | None = None
+        for name, value in event.headers:  # h11 lower-cases names
+            if name == b"transfer-encoding":
+                chunked = True
+            elif name == b"content-length":
+                length = int(value)
+        if chunked and length is not None:
             # RFC 9112 §6.3: a sign of smuggling or a broken upstream.
             self._bad_gateway("upstream sent both Content-Length and Transfer-Encoding")
+            return
+        leftover, _closed = conn.trailing_data
+        if self._head_bytes_in - len(leftover) > self.config.max_header_bytes:
+            # h11 bounds only heads still incomplete; one that came whole is measured here.
+            self._bad_gateway("upstream response head too large")
             return
         self.status = status
         assert self.pool is not None
         self.metrics.requests[str(self.pool.address), status] += 1
         self._head_at = time.monotonic()
         self.metrics.time_to_head.observe(self._head_at - self._sent_at)
-        raw = event.headers.raw_items()
-        client_v11 = self.client.http_version == b"1.1"
-        no_body = self._head_request or status in (204, 304)
-        chunked = not no_body and b"transfer-encoding" in names
-        length = None
-        if not no_body and not chunked:
-            for name, value in event.headers:
-                if name == b"content-length":
-                    length = int(value)
-        keep_framing = True
-        keep_trailer = True
-        extra: list[tuple[bytes, bytes]] = []
+        plan = plan_response(
+            status=status,
+            head_request=self._head_request,
+            chunked=chunked,
+            length=length,
+            client_http_version=self.client.http_version,
+            client_may_stay=self.request_complete
+            and not has_token(self.request.headers, b"connection", b"close"),
+        )
+        framing = plan.client_framing
         write = self.client.transport.write
-        collect = self._lists_models and status == 200 and not no_body
-        if collect:
-            # The model list gains the aliases: a small JSON body, held whole.
-            framer = ChunkedFramer(dechunk=True) if chunked else None
-            self._framer = framer or (LengthFramer(length) if length is not None else CloseFramer())
-            keep_framing = keep_trailer = False
-            self._held_response = []
-            write = self._holding_writer(framer)
-        elif no_body:
+        if plan.body == BodyKind.NONE:
             self._framer = LengthFramer(0)
-        elif chunked and client_v11:
-            self._framer = ChunkedFramer(max_trailer_bytes=self.config.max_header_bytes)
-        elif chunked:
-            # HTTP/1.0 clients cannot take chunks: de-chunk, end by closing.
+        elif framing == ClientFraming.DECHUNK:
             framer = ChunkedFramer(dechunk=True, max_trailer_bytes=self.config.max_header_bytes)
             self._framer = framer
-            keep_framing = keep_trailer = False
             write = self._dechunked_writer(framer)
-        elif length is not None:
+        elif plan.body == BodyKind.CHUNKED:
+            self._framer = ChunkedFramer(max_trailer_bytes=self.config.max_header_bytes)
+        elif plan.body == BodyKind.LENGTH:
+            assert length is not None
             self._framer = LengthFramer(length)
-        elif client_v11:
-            # Close-delimited upstream body: re-frame as chunks, so that a cut
-            # upstream is visible to the client as a missing last chunk.
-            self._framer = CloseFramer()
-            keep_framing = False
-            extra.append((b"transfer-encoding", b"chunked"))
-            write = self._rechunk_writer()
         else:
             self._framer = CloseFramer()
+            if framing == ClientFraming.RECHUNK:
+                write = self._rechunk_writer()
         self._write_body = write
-
+        self._rechunked = framing == ClientFraming.RECHUNK
         self._upstream_reusable = (
             self._framer.reusable
             and conn.their_http_version == b"1.1"
             and not has_token(event.headers, b"connection", b"close")
         )
-        headers = client_headers(raw, keep_framing=keep_framing, keep_trailer=keep_trailer)
-        headers.extend(extra)
-        # Every body a 1.1 client gets is delimited (length, chunks, none), so
-        # its connection can stay open; an HTTP/1.0 client's closes.
-        self._keep_client = (
-            client_v11
-            and self.request_complete
-            and not has_token(self.request.headers, b"connection", b"close")
+        # Framing fields come from the plan alone, never from the upstream's
+        # head: hop-by-hop filtering may have removed the ones it announced.
+        headers = client_headers(
+            event.headers.raw_items(), keep_framing=False, keep_trailer=plan.keep_trailer
         )
-        if not self._keep_client:
+        headers.extend(plan.framing_headers)
+        self._keep_client = plan.keep_client
+        if not plan.keep_client:
             headers.append((b"connection", b"close"))
-        if collect:
-            self._held_head = (status, event.reason, headers)
-        else:
-            self.client.transport.write(
-                response_head(status, event.reason, headers, http_version=self.client.http_version)
-            )
+        self.client.transport.write(
+            response_head(status, event.reason, headers, http_version=self.client.http_version)
+        )
         self.phase = Phase.BODY
         self._rearm()
-        leftover, _closed = conn.trailing_data
         if leftover:
             self.upstream_data(leftover)
         elif self._framer.complete:
             self._complete()
-
-    def _holding_writer(self, framer: ChunkedFramer | None):  # noqa: ANN202
-        held = self._held_response
-        assert held is not None
-        size = 0
-
-        def write(data: bytes) -> None:
-            nonlocal size
-            if framer is not None:
-                assert framer.payload is not None
-                pieces = list(framer.payload)
-                framer.payload.clear()
-            else:
-                pieces = [data]
-            held.extend(pieces)
-            size += sum(len(piece) for piece in pieces)
-            if size > MAX_HELD_RESPONSE:
-                self._cut("model list too large to add aliases to")
-
-        return write
-
-    def _release_held_response(self) -> None:
-        assert self._held_response is not None and self._held_head is not None
-        status, reason, headers = self._held_head
-        body = add_aliases_to_model_list(b"".join(self._held_response), self.config.model_map)
-        headers.append((b"content-length", b"%d" % len(body)))
-        head = response_head(status, reason, headers, http_version=self.client.http_version)
-        self.client.transport.write(head + body)
-        self._held_response = None
 
     def _dechunked_writer(self, framer: ChunkedFramer):  # noqa: ANN202
         transport = self.client.transport
@@ -583,11 +629,7 @@ class Exchange:
                 with contextlib.suppress(FramingError):
                     self._framer.feed_eof()
                 if self._framer.complete:
-                    if (
-                        isinstance(self._framer, CloseFramer)
-                        and self.client.http_version == b"1.1"
-                        and self._held_response is None
-                    ):
+                    if self._rechunked:
                         self.client.transport.write(LAST_CHUNK)
                     self._complete()
                     return
@@ -613,8 +655,8 @@ class Exchange:
 
     # -- endings --------------------------------------------------------------
     def _complete(self) -> None:
-        if self._held_response is not None:
-            self._release_held_response()
+        if self.phase is Phase.DONE:
+            return
         upstream = self._upstream
         reusable = (
             self._upstream_reusable and self._h11 is not None and self._h11.our_state is h11.DONE
@@ -627,6 +669,8 @@ class Exchange:
 
     def _cut(self, reason: str) -> None:
         """The upstream broke mid-body: close the client without completing."""
+        if self.phase is Phase.DONE:
+            return
         self.metrics.truncated_streams += 1
         log.warning("stream truncated: %s (%s %s)", reason, self._method, self._target)
         self._close_upstream()
@@ -699,15 +743,14 @@ class Exchange:
     def client_pause_writing(self) -> None:
         self._client_paused_since = time.monotonic()
         if self._upstream is not None:
-            self._upstream.transport.pause_reading()
+            self._upstream.pause_reading()
         if self.phase is not Phase.DONE:
             self._rearm()
 
     def client_resume_writing(self) -> None:
         self._client_paused_since = None
         if self._upstream is not None:
-            with contextlib.suppress(RuntimeError):
-                self._upstream.transport.resume_reading()
+            self._upstream.resume_reading()
 
     # -- deadlines ------------------------------------------------------------
     def _arm(self, when: float) -> None:
@@ -722,7 +765,11 @@ class Exchange:
     def _next_deadline(self) -> float:
         cfg = self.config
         deadlines = []
-        if not self.request_complete:
+        if self.request_complete:
+            pass
+        elif self._upstream_full_since is not None:
+            deadlines.append(self._upstream_full_since + cfg.upstream_idle_timeout)
+        else:
             deadlines.append(self._last_client_byte + cfg.client_body_timeout)
         if self.phase is Phase.WAITING:
             deadlines.append(self._sent_at + cfg.upstream_head_timeout)
@@ -741,10 +788,17 @@ class Exchange:
             return
         now = time.monotonic()
         cfg = self.config
-        if not self.request_complete and now - self._last_client_byte >= cfg.client_body_timeout:
-            self.metrics.timeouts += 1
-            self._fail(RelayError(408, "client sent the request body too slowly", "timeout"))
-            return
+        if not self.request_complete:
+            full = self._upstream_full_since
+            if full is not None and now - full >= cfg.upstream_idle_timeout:
+                self.metrics.timeouts += 1
+                message = "upstream stopped reading the request body"
+                self._fail(RelayError(504, message, "upstream_timeout"))
+                return
+            if full is None and now - self._last_client_byte >= cfg.client_body_timeout:
+                self.metrics.timeouts += 1
+                self._fail(RelayError(408, "client sent the request body too slowly", "timeout"))
+                return
         if self.phase is Phase.WAITING and now - self._sent_at >= cfg.upstream_head_timeout:
             self.metrics.timeouts += 1
             self._fail(RelayError(504, "upstream did not answer in time", "upstream_timeout"))
@@ -755,7 +809,7 @@ class Exchange:
                 self.metrics.timeouts += 1
                 log.warning("client stopped reading for %.0f s; dropping it", now - paused)
                 self.abort(Ending.TIMEOUT)
-                self.client.close_truncated()
+                self.client.drop()  # it reads nothing: a graceful close would never end
                 return
             if paused is None and now - self._last_upstream_byte >= cfg.upstream_idle_timeout:
                 self.metrics.timeouts += 1

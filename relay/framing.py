@@ -23,12 +23,16 @@ import re
 __all__ = [
     "LAST_CHUNK",
     "BodyFramer",
+    "BodyKind",
     "ChunkedFramer",
+    "ClientFraming",
     "CloseFramer",
     "FramingError",
     "IncompleteBody",
     "LengthFramer",
+    "ResponsePlan",
     "encode_chunk",
+    "plan_response",
 ]
 
 #: The terminating chunk with an empty trailer section.
@@ -240,3 +244,116 @@ class ChunkedFramer(BodyFramer):
             raise FramingError("trailer section too large")
         if _TRAILER_LINE.fullmatch(line) is None:
             raise FramingError(f"invalid trailer line {line[:32]!r}")
+
+
+# -- the response-framing decision -------------------------------------------------
+
+
+class BodyKind:
+    """How the upstream delimits a response body (after h11 parsed its head)."""
+
+    NONE = "none"  # HEAD, 1xx, 204, 304: no body whatever the headers say
+    CHUNKED = "chunked"
+    LENGTH = "length"
+    CLOSE = "close"  # neither: the body ends when the upstream closes
+
+
+class ClientFraming:
+    """How relay delimits the body it writes to the client."""
+
+    NONE = "none"
+    SAME = "same"  # forward the upstream's bytes as they are (chunks or length)
+    DECHUNK = "dechunk"  # HTTP/1.0 client: chunk payloads only, end by closing
+    RECHUNK = "rechunk"  # close-delimited upstream, 1.1 client: wrap each read in a chunk
+    CLOSE = "close"  # close-delimited both ways (HTTP/1.0 client)
+
+
+class ResponsePlan:
+    """What :func:`plan_response` decided; plain data, no I/O."""
+
+    __slots__ = ("body", "client_framing", "framing_headers", "keep_client", "keep_trailer")
+
+    def __init__(
+        self,
+        body: str,
+        client_framing: str,
+        framing_headers: list[tuple[bytes, bytes]],
+        *,
+        keep_client: bool,
+        keep_trailer: bool,
+    ) -> None:
+        self.body = body
+        self.client_framing = client_framing
+        self.framing_headers = framing_headers
+        self.keep_client = keep_client
+        self.keep_trailer = keep_trailer
+
+    def __repr__(self) -> str:
+        return (
+            f"ResponsePlan({self.body}, {self.client_framing}, {self.framing_headers}, "
+            f"keep_client={self.keep_client}, keep_trailer={self.keep_trailer})"
+        )
+
+
+def plan_response(
+    *,
+    status: int,
+    head_request: bool,
+    chunked: bool,
+    length: int | None,
+    client_http_version: bytes,
+    client_may_stay: bool,
+) -> ResponsePlan:
+    """Decide how a response body is framed towards the client (RFC 9112 §6.3).
+
+    ``chunked`` and ``length`` are the upstream's framing as h11 parsed it.
+    The framing header fields the client gets come only from this decision,
+    never from what survived hop-by-hop filtering (an upstream whose
+    ``Connection`` names ``Content-Length`` must not leave the client with a
+    body it cannot delimit). ``client_may_stay`` says whether the request was
+    complete and did not ask to close; an HTTP/1.0 client always closes.
+    """
+    client_v11 = client_http_version == b"1.1"
+    keep_client = client_v11 and client_may_stay
+    if head_request or status in (204, 304) or 100 <= status < 200:
+        headers: list[tuple[bytes, bytes]] = []
+        # A HEAD or 304 answer may say how long the body would have been.
+        if status != 204 and chunked and client_v11:
+            headers.append((b"transfer-encoding", b"chunked"))
+        elif status != 204 and length is not None:
+            headers.append((b"content-length", b"%d" % length))
+        return ResponsePlan(
+            BodyKind.NONE, ClientFraming.NONE, headers, keep_client=keep_client, keep_trailer=False
+        )
+    if chunked:
+        if client_v11:
+            return ResponsePlan(
+                BodyKind.CHUNKED,
+                ClientFraming.SAME,
+                [(b"transfer-encoding", b"chunked")],
+                keep_client=keep_client,
+                keep_trailer=True,  # the trailer section is forwarded too
+            )
+        return ResponsePlan(
+            BodyKind.CHUNKED, ClientFraming.DECHUNK, [], keep_client=False, keep_trailer=False
+        )
+    if length is not None:
+        return ResponsePlan(
+            BodyKind.LENGTH,
+            ClientFraming.SAME,
+            [(b"content-length", b"%d" % length)],
+            keep_client=keep_client,
+            keep_trailer=False,
+        )
+    if client_v11:
+        # Re-framed as chunks, so that a cut upstream shows as a missing last chunk.
+        return ResponsePlan(
+            BodyKind.CLOSE,
+            ClientFraming.RECHUNK,
+            [(b"transfer-encoding", b"chunked")],
+            keep_client=keep_client,
+            keep_trailer=False,
+        )
+    return ResponsePlan(
+        BodyKind.CLOSE, ClientFraming.CLOSE, [], keep_client=False, keep_trailer=False
+    )

@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
+import h11
+
 from .config import UpstreamAddress
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ __all__ = [
     "Router",
     "UpstreamConnection",
     "UpstreamPool",
+    "fetch",
 ]
 
 #: Longest passive ejection after repeated connect failures, seconds.
@@ -93,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = State.CONNECTING
         self.owner: UpstreamOwner | None = None
         self.exchanges = 0  # how many exchanges it has carried (1+ means reused)
+        self.reading_paused = False  # the owner's client is not keeping up
         self._expiry: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -128,6 +132,18 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.owner is not None:
             self.owner.upstream_resume_writing()
+
+    # -- flow control (the owner's client side drives it) -----------------
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.state is State.ACTIVE:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
 
     # -- pool side --------------------------------------------------------
     @property
@@ -194,10 +210,11 @@ class UpstreamPool:
         backoff = min(MAX_EJECTION, 2.0 ** (self.failures - 1))
         self.ejected_until = now + backoff
         log.warning(
-            "upstream %s ejected for %g s after %d failed connects",
+            "upstream %s ejected for %g s after %d failed connect%s in a row",
             self.address,
             backoff,
             self.failures,
+            "" if self.failures == 1 else "s",
         )
 
     def connect_succeeded(self) -> None:
@@ -261,17 +278,23 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
-        """Hand back an ``ACTIVE`` connection: pooled if reusable and there is room."""
+        """Hand back an ``ACTIVE`` connection: pooled if reusable and there is room.
+
+        Only a clean connection enters the pool: reading (a pause set for a
+        slow client ends with its exchange), nothing left unsent, not closing.
+        """
         if (
             not reusable
             or conn.state is not State.ACTIVE
             or conn.transport.is_closing()
+            or conn.transport.get_write_buffer_size()
             or len(self._idle) >= self.max_idle
         ):
             conn.close()
             return
         self.active -= 1
         conn.owner = None
+        conn.resume_reading()
         conn.state = State.IDLE
         loop = asyncio.get_running_loop()
         conn._expiry = loop.call_later(self.keepalive_timeout, self._expire, conn)
@@ -331,6 +354,49 @@ class Balancer:
         start = self._turn % len(pools)
         rotated = pools[start:] + pools[:start]
         return min(rotated, key=lambda pool: pool.outstanding)
+
+
+async def fetch(
+    pool: UpstreamPool,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    timeout: float,
+    limit: int,
+) -> tuple[int, bytes]:
+    """``GET target`` on a new connection to ``pool``'s upstream: ``(status, body)``.
+
+    For relay's own small requests (the model list), never on the hot path.
+    Raises ``OSError``, ``TimeoutError``, ``h11.ProtocolError``, or
+    ``ValueError`` when the body is longer than ``limit``.
+    """
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            pool.address.host,
+            pool.address.port,
+            ssl=pool.ssl_context,
+            server_hostname=pool.address.host if pool.ssl_context else None,
+        )
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            request = h11.Request(method=b"GET", target=target, headers=list(headers))
+            writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+            status = 0
+            body = bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > limit:
+                        raise ValueError(f"longer than {limit} bytes")
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    return status, bytes(body)
+        finally:
+            writer.close()
 
 
 class Router:
