@@ -135,6 +135,7 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
+{http_extra}
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
   upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; }}
@@ -142,7 +143,7 @@ http {{
     listen 127.0.0.1:{port} backlog=4096;
     location / {{
       proxy_pass http://backend;
-      proxy_buffering off;
+      proxy_buffering {buffering};
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_read_timeout 600s;
@@ -166,14 +167,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_nginx(upstream_port: int, cpus: set[int] | None = None) -> Peer | None:
+#: Directives that make nginx buffer a stream only for clients that accept gzip, as
+#: reported in issue #17: proxy buffering left at its default (on) and event streams
+#: compressed. Without Accept-Encoding the same nginx streams.
+GZIP_EVENT_STREAMS = "  gzip on; gzip_types text/event-stream;"
+
+
+def start_nginx(
+    upstream_port: int,
+    cpus: set[int] | None = None,
+    *,
+    proxy_buffering: bool = False,
+    http_extra: str = "",
+) -> Peer | None:
+    """nginx in front of ``upstream_port`` (None when nginx is not installed or fails).
+
+    ``http_extra`` goes into the ``http`` block (e.g. :data:`GZIP_EVENT_STREAMS`).
+    """
     binary = nginx_path()
     if binary is None:
         return None
     workdir = tempfile.TemporaryDirectory(prefix="relay-bench-nginx-")
     port = free_port()
     conf = Path(workdir.name) / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=workdir.name, upstream=upstream_port, port=port))
+    conf.write_text(
+        NGINX_CONF.format(
+            dir=workdir.name,
+            upstream=upstream_port,
+            port=port,
+            buffering="on" if proxy_buffering else "off",
+            http_extra=http_extra,
+        )
+    )
     process = subprocess.Popen(
         [binary, "-c", str(conf), "-e", f"{workdir.name}/error.log"],
         stdout=subprocess.DEVNULL,

@@ -5,6 +5,13 @@ base URL and times every token as it arrives: TTFT, inter-token gaps, and
 how many tokens arrived within 1 ms of the previous one. Most tokens arriving
 together means something on the way buffers (the verdict ``BUFFERED``).
 
+It asks the way real clients ask, so it sees what they see: the openai SDK and
+httpx send ``Accept-Encoding: gzip, deflate``, and an intermediary that
+compresses event streams (nginx ``gzip_types text/event-stream``) may hold
+every token until the end for them while streaming to a client that asks for
+no compression. A compressed body is decoded incrementally and each token is
+timed when its decoded event becomes readable, as a client experiences it.
+
 Exit codes: 0 streaming, 1 BUFFERED, 2 bad flags, 3 error (refused, timeout,
 TLS, a non-200 answer, or not an event stream). Only relay's runtime
 dependencies are used: asyncio and h11.
@@ -26,14 +33,35 @@ from urllib.parse import urlsplit
 
 import h11
 
+from . import __version__
 from .cliparse import OneLineParser
-from .sse import SSEError, SSEParser, StreamStats, tokens_in_event
+from .sse import (
+    ContentDecoder,
+    ContentDecodingError,
+    SSEError,
+    SSEParser,
+    StreamStats,
+    tokens_in_event,
+)
 
-__all__ = ["ProbeError", "ProbeResult", "format_table", "main", "probe"]
+__all__ = [
+    "ProbeError",
+    "ProbeResult",
+    "client_tls_context",
+    "format_table",
+    "main",
+    "probe",
+    "request_headers",
+]
 
 EXIT_STREAMING, EXIT_BUFFERED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 MAX_ERROR_BODY = 64 * 1024
 API_KEY_ENVS = ("RELAY_PROBE_API_KEY", "OPENAI_API_KEY")
+DEFAULT_PROMPT = "Count from 1 to 50, one number per line."
+#: What the openai SDK (over httpx) and httpx itself send; aiohttp sends "gzip, deflate" too.
+DEFAULT_ACCEPT_ENCODING = "gzip, deflate"
+#: The SDK's style (``OpenAI/Python 1.x``, ``python-httpx/0.x``), naming the probe honestly.
+USER_AGENT = f"relay-probe/{__version__}"
 
 
 class ProbeError(Exception):
@@ -45,6 +73,7 @@ class ProbeResult:
     url: str
     model: str
     stats: StreamStats
+    content_encoding: str = "identity"
 
     def as_dict(self) -> dict[str, Any]:
         stats = self.stats
@@ -58,6 +87,7 @@ class ProbeResult:
             "ttft_ms": None if ttft is None else round(ttft * 1000, 2),
             "gap_ms": None if gaps is None else {k: round(v * 1000, 2) for k, v in gaps.items()},
             "coalesced": stats.coalesced,
+            "content_encoding": self.content_encoding,
         }
 
 
@@ -90,12 +120,29 @@ class _Target:
         return f"{host}:{self.port}"
 
 
-async def _open(target: _Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    context = ssl.create_default_context() if target.scheme == "https" else None
+def client_tls_context(cacert: str | None = None, insecure: bool = False) -> ssl.SSLContext:
+    """The context for https URLs: the system store, or only ``cacert``; ``insecure``
+    skips verification. Raises ``OSError`` or ``ssl.SSLError`` if ``cacert`` is unusable."""
+    context = ssl.create_default_context(cafile=cacert)
+    context.set_alpn_protocols(["http/1.1"])
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def _open(
+    target: _Target, tls: ssl.SSLContext | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    context = (tls or client_tls_context()) if target.scheme == "https" else None
     try:
         reader, writer = await asyncio.open_connection(
             target.host, target.port, ssl=context, server_hostname=target.host if context else None
         )
+    except ssl.SSLCertVerificationError as exc:
+        reason = f"certificate verify failed: {exc.verify_message}"
+        hint = "--cacert FILE trusts a private CA; --insecure skips the check"
+        raise ProbeError(f"TLS error with {target.authority}: {reason} ({hint})") from None
     except ssl.SSLError as exc:
         raise ProbeError(f"TLS error with {target.authority}: {exc.reason or exc}") from None
     except OSError as exc:
@@ -107,13 +154,32 @@ async def _open(target: _Target) -> tuple[asyncio.StreamReader, asyncio.StreamWr
     return reader, writer
 
 
-def _headers(target: _Target, api_key: str | None, body: bytes | None) -> list[tuple[str, str]]:
-    headers = [("host", target.authority), ("accept", "text/event-stream, application/json")]
+def request_headers(
+    authority: str, api_key: str | None, body: bytes | None, accept_encoding: str
+) -> list[tuple[str, str]]:
+    """The request head the openai SDK sends (names, values and order; without its
+    ``x-stainless-*`` telemetry, which describes the SDK build): ``Accept: application/json``
+    even for streams, ``Accept-Encoding`` unless ``accept_encoding`` is empty."""
+    headers = [("host", authority)]
+    if accept_encoding:
+        headers.append(("accept-encoding", accept_encoding))
     if api_key:
         headers.append(("authorization", f"Bearer {api_key}"))
+    headers.append(("accept", "application/json"))
     if body is not None:
-        headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+        headers.append(("content-type", "application/json"))
+    headers.append(("user-agent", USER_AGENT))
+    if body is not None:
+        headers.append(("content-length", str(len(body))))
     return headers
+
+
+def _decoder_for(response: h11.Response) -> ContentDecoder:
+    codings = b", ".join(v for k, v in response.headers if k == b"content-encoding")
+    try:
+        return ContentDecoder(codings.decode("latin-1"))
+    except ContentDecodingError as exc:
+        raise ProbeError(str(exc)) from None
 
 
 async def _next(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
@@ -138,31 +204,41 @@ def _error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}: {text[0][:200]}" if text else f"HTTP {status}"
 
 
-async def _read_body(conn: h11.Connection, reader: asyncio.StreamReader) -> bytes:
+async def _read_body(
+    conn: h11.Connection, reader: asyncio.StreamReader, decoder: ContentDecoder
+) -> bytes:
+    """The decoded body, or its first ``MAX_ERROR_BODY`` bytes (a compressed body may be
+    cut, or corrupt: what was decoded so far is enough for an error message)."""
     body = b""
-    while len(body) < MAX_ERROR_BODY:
-        event = await _next(conn, reader)
-        if isinstance(event, h11.Data):
-            body += event.data
-        else:
-            break
-    return body
+    try:
+        while len(body) < MAX_ERROR_BODY:
+            event = await _next(conn, reader)
+            if not isinstance(event, h11.Data):
+                break
+            for piece in decoder.feed(event.data):
+                body += piece
+                if len(body) >= MAX_ERROR_BODY:
+                    break
+    except ContentDecodingError:
+        pass
+    return body[:MAX_ERROR_BODY]
 
 
-async def _first_model(target: _Target, api_key: str | None) -> str:
-    reader, writer = await _open(target)
+async def _first_model(
+    target: _Target, api_key: str | None, accept_encoding: str, tls: ssl.SSLContext | None
+) -> str:
+    reader, writer = await _open(target, tls)
     try:
         conn = h11.Connection(h11.CLIENT)
-        request = h11.Request(
-            method="GET", target=f"{target.base}/models", headers=_headers(target, api_key, None)
-        )
+        headers = request_headers(target.authority, api_key, None, accept_encoding)
+        request = h11.Request(method="GET", target=f"{target.base}/models", headers=headers)
         writer.write(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
         response = await _next(conn, reader)
-        body = await _read_body(conn, reader)
         if isinstance(response, h11.Response) and response.status_code == 200:
+            body = await _read_body(conn, reader, _decoder_for(response))
             document = json.loads(body)
             return str(document["data"][0]["id"])
-    except (ValueError, KeyError, IndexError, TypeError, h11.ProtocolError):
+    except (ValueError, KeyError, IndexError, TypeError, h11.ProtocolError, ProbeError):
         pass
     finally:
         writer.close()
@@ -176,7 +252,9 @@ async def _stream(
     api_key: str | None,
     max_tokens: int,
     completions: bool,
-) -> StreamStats:
+    accept_encoding: str,
+    tls: ssl.SSLContext | None,
+) -> tuple[StreamStats, str]:
     document: dict[str, Any] = {"model": model, "stream": True, "max_tokens": max_tokens}
     if completions:
         document["prompt"] = prompt
@@ -185,10 +263,11 @@ async def _stream(
         document["messages"] = [{"role": "user", "content": prompt}]
         path = f"{target.base}/chat/completions"
     body = json.dumps(document).encode()
-    reader, writer = await _open(target)
+    reader, writer = await _open(target, tls)
     try:
         conn = h11.Connection(h11.CLIENT)
-        request = h11.Request(method="POST", target=path, headers=_headers(target, api_key, body))
+        headers = request_headers(target.authority, api_key, body, accept_encoding)
+        request = h11.Request(method="POST", target=path, headers=headers)
         stats = StreamStats(started=time.monotonic())
         writer.write(
             conn.send(request)
@@ -198,8 +277,10 @@ async def _stream(
         response = await _next(conn, reader)
         if not isinstance(response, h11.Response):
             raise ProbeError("connection closed before a response")
+        decoder = _decoder_for(response)
         if response.status_code != 200:
-            raise ProbeError(_error_message(response.status_code, await _read_body(conn, reader)))
+            body = await _read_body(conn, reader, decoder)
+            raise ProbeError(_error_message(response.status_code, body))
         content_type = dict(response.headers).get(b"content-type", b"").decode("latin-1")
         if not content_type.startswith("text/event-stream"):
             raise ProbeError(f"not an event stream (content-type {content_type or 'missing'})")
@@ -213,20 +294,27 @@ async def _stream(
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.Data):
-                for data_text in parser.feed(event.data):
-                    info = tokens_in_event(data_text)
-                    if info.error:
-                        raise ProbeError(f"error in stream: {info.error}")
-                    if info.tokens:
-                        stats.token(arrived, info.tokens)
+                # A token counts from the read that made its event readable after
+                # decoding: compressed bytes that decode to nothing yet are not tokens
+                # to a client, however early they came.
+                for piece in decoder.feed(event.data):
+                    for data_text in parser.feed(piece):
+                        info = tokens_in_event(data_text)
+                        if info.error:
+                            raise ProbeError(f"error in stream: {info.error}")
+                        if info.tokens:
+                            stats.token(arrived, info.tokens)
             elif isinstance(event, h11.EndOfMessage):
-                return stats
+                decoder.finish()
+                return stats, decoder.name
             else:
                 raise ProbeError("stream ended unexpectedly")
     except h11.RemoteProtocolError as exc:
         raise ProbeError(f"stream cut or malformed: {exc}") from None
     except SSEError as exc:
         raise ProbeError(f"malformed event stream: {exc}") from None
+    except ContentDecodingError as exc:
+        raise ProbeError(f"cannot decode the stream: {exc}") from None
     finally:
         writer.close()
 
@@ -235,23 +323,30 @@ async def probe(
     url: str,
     *,
     model: str | None = None,
-    prompt: str = "Count from 1 to 50, one number per line.",
+    prompt: str = DEFAULT_PROMPT,
     api_key: str | None = None,
     max_tokens: int = 32,
     timeout: float = 60.0,
     completions: bool = False,
+    accept_encoding: str = DEFAULT_ACCEPT_ENCODING,
+    tls: ssl.SSLContext | None = None,
 ) -> ProbeResult:
-    """Measure one streaming request to the OpenAI-compatible base ``url``."""
+    """Measure one streaming request to the OpenAI-compatible base ``url``.
+
+    ``accept_encoding`` is sent as is (``""`` sends no header); ``tls`` verifies
+    https URLs (default: :func:`client_tls_context`, the system store)."""
     target = _Target.parse(url)
     try:
         async with asyncio.timeout(timeout):
-            chosen = model or await _first_model(target, api_key)
-            stats = await _stream(target, chosen, prompt, api_key, max_tokens, completions)
+            chosen = model or await _first_model(target, api_key, accept_encoding, tls)
+            stats, coding = await _stream(
+                target, chosen, prompt, api_key, max_tokens, completions, accept_encoding, tls
+            )
     except TimeoutError:
         raise ProbeError(f"timed out after {timeout:g} s") from None
     if stats.count == 0:
         raise ProbeError("the stream carried no tokens")
-    return ProbeResult(url, chosen, stats)
+    return ProbeResult(url, chosen, stats, coding)
 
 
 def _ms(value: float | None) -> str:
@@ -271,6 +366,7 @@ def format_table(results: list[tuple[str, ProbeResult]]) -> str:
     for key in ("avg", "p50", "p99", "max"):
         add(f"gap {key} ms", [_ms((s.gap_summary() or {}).get(key)) for s in stats])
     add("within 1 ms", [str(s.coalesced) for s in stats])
+    add("encoding", [result.content_encoding for _, result in results])
     add("verdict", [s.verdict for s in stats])
     label_width = max(len(label) for label, _ in rows)
     widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(results))]
@@ -285,32 +381,91 @@ def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="relay probe",
         description="Measure TTFT and token gaps of an OpenAI-compatible streaming endpoint "
-        "and say whether it streams or buffers.",
+        "and say whether it streams or buffers, asking the way the openai SDK asks.",
         epilog="Exit codes: 0 streaming, 1 BUFFERED, 2 bad flags, 3 error.",
     )
     parser.add_argument("url", help="base URL, e.g. http://127.0.0.1:30000 or .../v1")
     parser.add_argument("--model", help="model name (default: the first from /v1/models)")
-    parser.add_argument("--prompt", default="Count from 1 to 50, one number per line.")
     parser.add_argument(
-        "--api-key", help=f"bearer key (default: ${API_KEY_ENVS[0]} or ${API_KEY_ENVS[1]})"
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help="the user message (with --completions, the prompt) (default: %(default)r)",
     )
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens to ask for (32)")
-    parser.add_argument("--compare", metavar="URL2", help="probe a second endpoint side by side")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="probe N times")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     parser.add_argument(
-        "--completions", action="store_true", help="use /v1/completions instead of chat"
+        "--api-key",
+        help=f"bearer key (default: ${API_KEY_ENVS[0]}, else ${API_KEY_ENVS[1]}, else none)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=32, help="tokens to ask for (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--completions",
+        action="store_true",
+        help="use /v1/completions (default: /v1/chat/completions)",
+    )
+    parser.add_argument(
+        "--accept-encoding",
+        metavar="VALUE",
+        default=DEFAULT_ACCEPT_ENCODING,
+        help="Accept-Encoding to send, as the openai SDK and httpx do (default: %(default)r); "
+        "'identity' asks for no compression, '' sends no header",
+    )
+    parser.add_argument(
+        "--cacert",
+        metavar="FILE",
+        help="verify https against the CA certificates in this PEM file "
+        "(default: the system store)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="DANGEROUS: do not verify the https certificate (default: verify)",
+    )
+    parser.add_argument(
+        "--compare", metavar="URL2", help="probe a second endpoint side by side (default: none)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output (default: a table)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="probe N times; BUFFERED if any run is (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="limit for each probe, /v1/models included (default: %(default)g)",
     )
     return parser
 
 
-async def _run(args: Any, api_key: str | None) -> int:
+def _print(text: str) -> None:
+    """Print and flush; a reader that went away (``| head``) is not an error.
+
+    As the Python docs on SIGPIPE advise: on ``BrokenPipeError`` point stdout at
+    devnull, so nothing more (not even the flush at exit) can fail, and go on:
+    the exit code still tells the verdict.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+async def _run(args: Any, api_key: str | None, tls: ssl.SSLContext | None) -> int:
     urls = [args.url] + ([args.compare] if args.compare else [])
     names = ["endpoint"] if len(urls) == 1 else ["first", "second"]
     if args.compare:
         names = [args.url, args.compare]
     buffered = False
+    compressed = False
     documents = []
     for attempt in range(args.repeat):
         results = []
@@ -323,18 +478,28 @@ async def _run(args: Any, api_key: str | None) -> int:
                 max_tokens=args.max_tokens,
                 timeout=args.timeout,
                 completions=args.completions,
+                accept_encoding=args.accept_encoding,
+                tls=tls,
             )
             buffered = buffered or result.stats.buffered
+            compressed = compressed or (
+                result.stats.buffered and result.content_encoding != "identity"
+            )
             results.append((name, result))
             documents.append(result.as_dict())
         if not args.json:
             if args.repeat > 1:
-                print(f"run {attempt + 1}/{args.repeat}")
-            print(format_table(results))
+                _print(f"run {attempt + 1}/{args.repeat}")
+            _print(format_table(results))
     if args.json:
-        print(json.dumps(documents if len(documents) > 1 else documents[0], indent=2))
+        _print(json.dumps(documents if len(documents) > 1 else documents[0], indent=2))
     elif buffered:
-        print("BUFFERED: most tokens arrived together; something on the way holds the stream")
+        _print("BUFFERED: most tokens arrived together; something on the way holds the stream")
+        if compressed:
+            _print(
+                "the buffered stream came compressed: something on the way compresses event "
+                "streams (nginx: gzip_types text/event-stream); compare --accept-encoding identity"
+            )
     return EXIT_BUFFERED if buffered else EXIT_STREAMING
 
 
@@ -346,9 +511,20 @@ def main(argv: Sequence[str]) -> int:
             parser.error(f"argument {flag}: must be at least 1")
     if not args.timeout > 0:
         parser.error("argument --timeout: must be positive")
+    try:
+        h11.Request(
+            method="GET", target="/", headers=request_headers("x", None, None, args.accept_encoding)
+        )
+    except h11.LocalProtocolError:
+        parser.error("argument --accept-encoding: not a valid header value")
+    try:
+        tls = client_tls_context(args.cacert, args.insecure)
+    except OSError as exc:  # ssl.SSLError is one too
+        reason = (exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror) or str(exc)
+        parser.error(f"argument --cacert: cannot load {args.cacert}: {reason}")
     api_key = args.api_key or next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
     try:
-        return asyncio.run(_run(args, api_key))
+        return asyncio.run(_run(args, api_key, tls))
     except ProbeError as exc:
         sys.stderr.write(f"relay probe: error: {exc}\n")
         return EXIT_ERROR

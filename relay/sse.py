@@ -1,6 +1,9 @@
-"""Sans-IO server-sent events: an incremental parser and token-timing statistics.
+"""Sans-IO server-sent events: content decoding, an incremental parser, token timing.
 
-Used by the probe to judge whether an endpoint streams or buffers. The parser
+Used by the probe to judge whether an endpoint streams or buffers, as a real
+client would see it: :class:`ContentDecoder` removes a ``Content-Encoding``
+(gzip, deflate) incrementally, the way httpx and aiohttp do, so events are
+timed when they become readable, not when compressed bytes arrive. The parser
 follows the WHATWG event-stream rules that matter here: lines end in CRLF, LF
 or CR; ``data:`` lines (one optional space after the colon) accumulate; an
 empty line dispatches the event; lines starting with ``:`` are comments.
@@ -10,9 +13,20 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["COALESCED_WITHIN", "SSEParser", "StreamStats", "TokenInfo", "tokens_in_event"]
+__all__ = [
+    "COALESCED_WITHIN",
+    "ContentDecoder",
+    "ContentDecodingError",
+    "SSEParser",
+    "StreamStats",
+    "TokenInfo",
+    "tokens_in_event",
+]
 
 #: Two tokens closer than this arrived together (the bug report's "same millisecond").
 COALESCED_WITHIN = 0.001
@@ -20,6 +34,126 @@ COALESCED_WITHIN = 0.001
 
 class SSEError(ValueError):
     """The stream is not a well-formed event stream, or an event is too large."""
+
+
+class ContentDecodingError(ValueError):
+    """The body's Content-Encoding is unsupported, or its compressed data is corrupt or cut."""
+
+
+#: Most decoded bytes one step hands out: a small compressed body cannot become a huge buffer.
+DECODED_CHUNK = 64 * 1024
+
+
+class _Decompressor(Protocol):
+    """What this module uses of a ``zlib.decompressobj()``."""
+
+    eof: bool
+    unconsumed_tail: bytes
+    unused_data: bytes
+
+    def decompress(self, data: bytes, max_length: int = 0, /) -> bytes: ...
+
+
+def _zlib_wrapped(head: bytes) -> bool:
+    """The first two bytes are a zlib header (RFC 1950 2.2: method 8, FCHECK)."""
+    return head[0] & 0x0F == 8 and (head[0] * 256 + head[1]) % 31 == 0
+
+
+class _Inflate:
+    """One zlib stage: ``gzip`` (members may follow one another) or ``deflate``.
+
+    ``deflate`` is meant to be zlib-wrapped (RFC 9110 8.4.1.2), but some servers
+    send raw deflate; like urllib3 and httpx, accept both (told apart by the
+    zlib header, so the first byte alone is held until the second arrives).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._gzip = name in ("gzip", "x-gzip")
+        self._head: bytes | None = None if self._gzip else b""
+        self._seen_input = False
+        self._decoder: _Decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._head is not None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return
+            self._head = None
+            wbits = zlib.MAX_WBITS if _zlib_wrapped(data) else -zlib.MAX_WBITS
+            self._decoder = zlib.decompressobj(wbits)
+        while data:
+            if self._decoder.eof:
+                if not self._gzip:
+                    return  # bytes after the end of a deflate stream mean nothing
+                data = data.lstrip(b"\0")  # some servers pad between gzip members
+                if not data:
+                    return
+                self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._seen_input = True
+            try:
+                output = self._decoder.decompress(data, DECODED_CHUNK)
+                while True:
+                    if output:
+                        yield output
+                    if len(output) < DECODED_CHUNK or self._decoder.unconsumed_tail:
+                        break
+                    # The output filled up with all input taken: zlib may hold more.
+                    output = self._decoder.decompress(b"", DECODED_CHUNK)
+            except zlib.error as exc:
+                raise ContentDecodingError(f"invalid {self.name} data: {exc}") from None
+            # Input zlib did not take because the output was full, or the next gzip member.
+            data = self._decoder.unconsumed_tail or self._decoder.unused_data
+
+    def finish(self) -> None:
+        if self._head or (self._seen_input and not self._decoder.eof):
+            raise ContentDecodingError(f"{self.name} data cut short")
+
+
+class ContentDecoder:
+    """Compressed body bytes in (any split), decoded bytes out, at most 64 KiB a piece.
+
+    ``content_encoding`` is the response's header value (several headers joined
+    with commas); codings listed in the order they were applied are undone in
+    reverse. ``identity`` or an empty value passes bytes through unchanged.
+    Raises :class:`ContentDecodingError` for codings it does not know (``br``,
+    ``zstd``) and for corrupt data; call :meth:`finish` at the end of the body
+    to catch a compressed stream that was cut short.
+    """
+
+    SUPPORTED = ("gzip", "x-gzip", "deflate")
+
+    def __init__(self, content_encoding: str) -> None:
+        names = [n.strip().lower() for n in content_encoding.split(",")]
+        names = [n for n in names if n and n != "identity"]
+        unknown = [n for n in names if n not in self.SUPPORTED]
+        if unknown:
+            raise ContentDecodingError(f"unsupported content-encoding {unknown[0]!r}")
+        self.codings = tuple(names)
+        self._stages = [_Inflate(name) for name in reversed(names)]
+
+    @property
+    def name(self) -> str:
+        """The coding as reported to a person: ``identity`` when there is none."""
+        return ", ".join(self.codings) or "identity"
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decode ``data``; yields the decoded pieces as soon as zlib hands them out."""
+        pieces: Iterator[bytes] = iter((data,) if data else ())
+        for stage in self._stages:
+            pieces = _chain(stage, pieces)
+        return pieces
+
+    def finish(self) -> None:
+        """The body ended: raise :class:`ContentDecodingError` if a stream is incomplete."""
+        for stage in self._stages:
+            stage.finish()
+
+
+def _chain(stage: _Inflate, pieces: Iterator[bytes]) -> Iterator[bytes]:
+    for piece in pieces:
+        yield from stage.feed(piece)
 
 
 class SSEParser:
