@@ -41,8 +41,12 @@ def sglang():
     server.stop()
 
 
-def start_relay(*args: str, env: dict | None = None, **popen) -> tuple[subprocess.Popen, int]:
-    """relay as a subprocess; returns it and its port once it logged that it listens."""
+def start_relay(
+    *args: str, env: dict | None = None, lines: list[str] | None = None, **popen
+) -> tuple[subprocess.Popen, int]:
+    """relay as a subprocess; returns it and its port once it logged that it listens.
+
+    ``lines``, if given, receives what relay logged up to then."""
     process = subprocess.Popen(
         [sys.executable, "-m", "relay", "--listen", "127.0.0.1:0", *args],
         stderr=subprocess.PIPE,
@@ -52,7 +56,7 @@ def start_relay(*args: str, env: dict | None = None, **popen) -> tuple[subproces
     )
     assert process.stderr is not None
     deadline = time.monotonic() + LIMIT
-    lines = []
+    lines = [] if lines is None else lines
     while time.monotonic() < deadline:
         line = process.stderr.readline()
         lines.append(line)
@@ -292,11 +296,12 @@ def test_environment_configures_every_flag_and_print_config_masks_secrets():
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "upstream = http://sglang:30000" in out
-    assert "max_body_bytes = 1048576" in out
-    assert "workers = 2" in out  # the command line wins
-    assert "model_map = {'a': 'b', 'c': 'd'}" in out
-    assert "sk-very-secret" not in out and "api_keys = <1 keys>" in out
+    lines = out.splitlines()
+    assert "--upstream sglang:30000" in lines
+    assert "--max-body-bytes 1m" in lines
+    assert "--workers 2" in lines  # the command line wins
+    assert "--model-map a=b" in lines and "--model-map c=d" in lines
+    assert "sk-very-secret" not in out and "# RELAY_API_KEYS: 1 key (masked)" in lines
     bad = subprocess.run(
         [sys.executable, "-m", "relay"],
         capture_output=True,
@@ -304,7 +309,26 @@ def test_environment_configures_every_flag_and_print_config_masks_secrets():
         env={**env, "RELAY_MAX_BODY_BYTES": "lots"},
         timeout=LIMIT,
     )
-    assert bad.returncode == 2 and "--max-body-bytes" in bad.stderr
+    assert bad.returncode == 2 and "RELAY_MAX_BODY_BYTES=lots:" in bad.stderr
+
+
+def test_an_unresolvable_upstream_host_is_a_warning_and_relay_still_serves(sglang):
+    """An --upstream name that does not resolve is one warning line at start; relay serves."""
+    logged: list[str] = []
+    process, port = start_relay(
+        "--upstream", sglang.url, "--upstream", "relay-test.invalid:30000", lines=logged
+    )
+    try:
+        warnings = [line for line in logged if "relay-test.invalid" in line]
+        assert len(warnings) == 1 and "WARNING" in warnings[0], logged
+        assert "does not resolve" in warnings[0]
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=LIMIT
+        )
+        assert response.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(LIMIT) == 0
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
