@@ -51,3 +51,17 @@ def test_the_container_check_runs_the_image_entrypoint_and_removes_its_images():
     containerfile = (DEPLOY / "Containerfile").read_text()
     # The WORKDIR the image runs in must exist in it (the sources are removed).
     assert containerfile.rstrip().count("WORKDIR /\n") == 1
+
+
+def test_ci_runs_exactly_the_readme_test_command_in_a_virtual_environment():
+    """.ci/run's command is the README's test command, and it installs into a venv
+    (a system pip refuses on Debian and Ubuntu: externally-managed-environment)."""
+    root = DEPLOY.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    assert commands[0].startswith("python3 -m venv .venv && .venv/bin/pip install . && ")
+    assert commands[1] == (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert commands[1].startswith("python3 -m venv .venv && .venv/bin/pip install '.[test]'")
+    assert "Python 3.11 or later" in readme
+    assert "../shared/" not in readme
