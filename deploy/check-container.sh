@@ -1,38 +1,128 @@
 #!/usr/bin/env bash
-# Build deploy/Containerfile without a registry or a container engine that runs
-# containers, then run relay from the image's filesystem and probe it.
+# Build deploy/Containerfile without a registry, then run the image as a
+# container engine would (its ENTRYPOINT, CMD, ENV, USER and WORKDIR, read
+# from `podman image inspect`), stream through it and run its HEALTHCHECK.
+#
+#   deploy/check-container.sh [--keep]     # --keep: leave the images behind
 #
 # The python:3.11-slim base is replaced by a local stand-in built with
 # debootstrap (Debian bookworm's python3 is 3.11). The host's CA bundle is
 # copied into the stand-in so pip works behind a TLS-intercepting proxy.
+# Where `podman run` works the image runs as a container; where it does not
+# (no user namespaces, nested containers) it runs under chroot from the
+# mounted image with the same command line and environment. Either way it
+# shares the host's network and needs ports 4000 and 4001 (the image's own).
 # Needs root, podman and debootstrap (apt-get install podman debootstrap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+keep=no
+if [[ ${1:-} == --keep ]]; then keep=yes; fi
+image=localhost/relay:check
+base=localhost/relay-base:bookworm
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+pids=()
+mounted=no
+container=
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    if [[ -n $container ]]; then podman rm -f "$container" >/dev/null 2>&1 || true; fi
+    if [[ $mounted == yes ]]; then podman image umount "$image" >/dev/null || true; fi
+    if [[ $keep == no ]]; then podman rmi -f "$image" "$base" >/dev/null 2>&1 || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
 
 debootstrap --variant=minbase --include=python3,python3-pip,ca-certificates \
     bookworm "$work/rootfs" http://deb.debian.org/debian
 ln -sf python3 "$work/rootfs/usr/bin/python"
 rm -f "$work"/rootfs/usr/lib/python3*/EXTERNALLY-MANAGED   # the slim image has no such file
 cp /etc/ssl/certs/ca-certificates.crt "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
-tar -C "$work/rootfs" -c . | podman import - localhost/relay-base:bookworm
+tar -C "$work/rootfs" -c . | podman import - "$base"
 
-podman build --isolation=chroot --format docker \
-    --build-arg BASE=localhost/relay-base:bookworm \
-    -f deploy/Containerfile -t localhost/relay:check .
+# --layers=false: no intermediate images are left behind.
+podman build --isolation=chroot --format docker --layers=false \
+    --build-arg BASE="$base" -f deploy/Containerfile -t "$image" .
 
-mnt=$(podman image mount localhost/relay:check)
-trap 'podman image umount localhost/relay:check >/dev/null; rm -rf "$work"' EXIT
+# The image's run configuration, as NUL-separated lists for bash:
+# user, working directory, then the environment, then the command.
+podman image inspect "$image" >"$work/inspect.json"
+python3 - "$work/inspect.json" "$work" <<'EOF'
+import json, sys
+image = json.load(open(sys.argv[1]))[0]
+config, out = image.get("Config") or {}, sys.argv[2]
+env = config.get("Env") or []
+if not any(e.startswith("PATH=") for e in env):  # engines supply a default PATH
+    env.append("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+command = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+# podman shows a docker-format HEALTHCHECK beside the OCI config.
+health = (image.get("Healthcheck") or config.get("Healthcheck") or {}).get("Test") or []
+if health[:1] == ["CMD-SHELL"]:
+    health = ["/bin/sh", "-c", *health[1:]]
+elif health[:1] == ["CMD"]:
+    health = health[1:]
+for name, items in (("env", env), ("command", command), ("health", health)):
+    open(f"{out}/{name}", "w").write("".join(f"{i}\0" for i in items))
+open(f"{out}/user", "w").write(config.get("User") or "0")
+open(f"{out}/workdir", "w").write(config.get("WorkingDir") or "/")
+EOF
+mapfile -d '' -t image_env <"$work/env"
+mapfile -d '' -t command <"$work/command"
+mapfile -d '' -t health <"$work/health"
+user=$(cat "$work/user")
+workdir=$(cat "$work/workdir")
+if [[ ${#command[@]} -eq 0 || ${#health[@]} -eq 0 ]]; then
+    echo "the image has no ENTRYPOINT/CMD or no HEALTHCHECK" >&2
+    exit 1
+fi
+
 python3 -m relay.streamer --listen 127.0.0.1:30701 --ttft 0.05 --gap 0.02 >/dev/null &
-streamer=$!
-chroot --userspec=10001:10001 "$mnt" /usr/bin/env RELAY_UPSTREAM=127.0.0.1:30701 \
-    RELAY_LISTEN=127.0.0.1:4701 RELAY_ADMIN_LISTEN=127.0.0.1:4702 python -m relay &
-relay=$!
-trap 'kill $relay $streamer 2>/dev/null; podman image umount localhost/relay:check >/dev/null; rm -rf "$work"' EXIT
-sleep 2
-python3 -m relay probe http://127.0.0.1:4701 --max-tokens 8
-# The image's HEALTHCHECK command, run inside the image's filesystem.
-chroot --userspec=10001:10001 "$mnt" python -c "import urllib.request,sys; \
-sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:4702/health', timeout=2).status == 200 else 1)"
-echo "container image OK: builds, runs as uid 10001, streams, health check passes"
+pids+=($!)
+log="$work/relay.log"
+# What `docker run -e RELAY_UPSTREAM=...` adds: the only setting not in the image.
+upstream=RELAY_UPSTREAM=127.0.0.1:30701
+if podman run --rm --network host --user "$user" "$image" --version >/dev/null 2>&1; then
+    mode="podman run"
+    container=relay-check-$$
+    podman run -d --name "$container" --network host -e "$upstream" "$image" >/dev/null
+    in_image=(podman exec "$container")
+    logs() { podman logs "$container" 2>&1; }
+else
+    mode="chroot (podman run does not work here)"
+    mnt=$(podman image mount "$image")
+    mounted=yes
+    # USER is NAME or UID[:GID]; without a group, the user's group in the
+    # image's /etc/passwd, else 0, as container engines do.
+    uid=${user%%:*}
+    gid=$(awk -F: -v u="$uid" '$1 == u || $3 == u {print $4; exit}' "$mnt/etc/passwd")
+    [[ $user == *:* ]] && gid=${user#*:}
+    if [[ ! -d $mnt/$workdir ]]; then
+        echo "the image's WORKDIR $workdir does not exist in it" >&2
+        exit 1
+    fi
+    in_image=(chroot "--userspec=$uid:${gid:-0}" "$mnt" /usr/bin/env -i "${image_env[@]}"
+        "$upstream" /bin/sh -c 'cd "$0" && exec "$@"' "$workdir")
+    logs() { cat "$log"; }
+    # chroot, env and sh exec in turn: $! ends up being relay itself.
+    "${in_image[@]}" "${command[@]}" 2>"$log" &
+    pids+=($!)
+fi
+
+# Ready when the image's own HEALTHCHECK passes (at most 20 s).
+for _ in $(seq 100); do
+    if "${in_image[@]}" "${health[@]}" 2>/dev/null; then break; fi
+    sleep 0.2
+done
+"${in_image[@]}" "${health[@]}"
+python3 -m relay probe http://127.0.0.1:4000 --max-tokens 8
+# The image sets RELAY_LOG_FORMAT=json: every log line must be a JSON object.
+logs | python3 -c 'import json, sys
+lines = [line for line in sys.stdin if line.strip()]
+for line in lines:
+    try:
+        assert isinstance(json.loads(line), dict)
+    except (ValueError, AssertionError):
+        sys.exit(f"relay did not log JSON: {line.rstrip()}")
+sys.exit(0 if lines else "relay logged nothing")'
+echo "container image OK ($mode): runs its ENTRYPOINT as user $user with its ENV," \
+    "streams, logs JSON, HEALTHCHECK passes"
+if [[ $keep == yes ]]; then echo "kept $image and $base"; fi

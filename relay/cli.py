@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import ipaddress
+import logging
 import os
+import shlex
 import socket
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from . import __version__
 from .accesslog import setup_logging
@@ -24,8 +30,8 @@ from .config import (
     PARSERS,
     Config,
     ConfigError,
-    ListenAddress,
     UpstreamAddress,
+    parse_count,
     parse_duration,
     parse_listen,
     parse_route,
@@ -39,6 +45,12 @@ __all__ = ["build_parser", "config_from_args", "main"]
 SUBCOMMANDS = ("serve", "probe", "demo")
 KEYS_ENV = "RELAY_API_KEYS"
 UPSTREAM_KEY_ENV = "RELAY_UPSTREAM_API_KEY"
+#: RELAY_* variables that are not flags: keys, and the probe's key.
+OTHER_ENVS = (KEYS_ENV, UPSTREAM_KEY_ENV, "RELAY_PROBE_API_KEY")
+#: How long start-up waits for upstream host names to resolve before going on.
+RESOLVE_TIMEOUT = 2.0
+
+log = logging.getLogger("relay.error")
 
 _EPILOG = """\
 subcommands:
@@ -169,10 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops.add_argument(
         "--workers",
-        type=int,
-        default=Config.default("workers"),
+        default=None,
         metavar="N",
-        help="processes accepting on the same port (default 1)",
+        help=f"processes accepting on the same port (default {Config.default('workers')})",
     )
     ops.add_argument(
         "--log-format",
@@ -224,7 +235,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "loop": args.loop,
         "log_level": args.log_level,
         "log_format": args.log_format,
-        "workers": args.workers,
+        "workers": parse_count(args.workers, "--workers")
+        if args.workers is not None
+        else Config.default("workers"),
         "admin_listen": parse_listen(args.admin_listen, "--admin-listen")
         if args.admin_listen
         else None,
@@ -259,7 +272,8 @@ def _upstream_key(args: argparse.Namespace) -> str | None:
             with open(args.upstream_api_key_file, encoding="utf-8") as file:
                 keys = parse_key_file(file.read())
         except OSError as exc:
-            raise ConfigError("--upstream-api-key-file", f"cannot read: {exc.strerror}") from None
+            reason = f"cannot read {args.upstream_api_key_file}: {exc.strerror}"
+            raise ConfigError("--upstream-api-key-file", reason) from None
         if len(keys) != 1:
             raise ConfigError("--upstream-api-key-file", "must hold exactly one key")
         return keys[0]
@@ -273,7 +287,8 @@ def _model_map(args: argparse.Namespace) -> ModelMap:
             with open(args.model_map_file, encoding="utf-8") as file:
                 aliases.update(load_model_map_file(file.read()))
         except OSError as exc:
-            raise ConfigError("--model-map-file", f"cannot read: {exc.strerror}") from None
+            reason = f"cannot read {args.model_map_file}: {exc.strerror}"
+            raise ConfigError("--model-map-file", reason) from None
         except ModelMapError as exc:
             raise ConfigError("--model-map-file", f"{args.model_map_file}: {exc}") from None
     for item in args.model_map:
@@ -304,13 +319,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo.main(args_list)
 
     parser = build_parser()
-    apply_environment(parser, os.environ)
+    for warning in environment_warnings(parser, os.environ):
+        sys.stderr.write(f"relay: warning: {warning}\n")
+    from_env = apply_environment(parser, os.environ)
     args = parser.parse_args(args_list)
+
+    def fail(exc: ConfigError | TLSError) -> int:
+        # Name what the user wrote: the flag, or the variable it came from.
+        origin = from_env.get(exc.flag)
+        where = f"argument {exc.flag}"
+        if origin is not None and getattr(args, origin.dest) is parser.get_default(origin.dest):
+            where = f"{origin.name}={origin.value}"
+        sys.stderr.write(f"relay: error: {where}: {exc.message}\n")
+        return EXIT_USAGE
+
     try:
         config = config_from_args(args)
     except ConfigError as exc:
-        sys.stderr.write(f"relay: error: argument {exc.flag}: {exc.message}\n")
-        return EXIT_USAGE
+        return fail(exc)
     if args.print_config:
         print(describe_config(config))
         return 0
@@ -320,8 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         preflight(config)
     except (ConfigError, TLSError) as exc:
-        sys.stderr.write(f"relay: error: argument {exc.flag}: {exc.message}\n")
-        return EXIT_USAGE
+        return fail(exc)
+    for host, reason in unresolved_hosts(u.host for u in config.all_upstreams):
+        log.warning(
+            "upstream host %s does not resolve (%s); starting anyway, "
+            "its requests get 502 until it does",
+            host,
+            reason,
+        )
     if config.workers == 1:
         try:
             return run(serve(config), config.loop)
@@ -355,16 +387,37 @@ def _serve_workers(config: Config) -> int:
     return run_workers(config.workers, sockets, serve_one)
 
 
-def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """Every ``--flag`` may come from ``RELAY_FLAG`` (flags on the command line win)."""
+class EnvOrigin(NamedTuple):
+    """Where a flag's default came from: variable ``name`` holding ``value``."""
+
+    name: str
+    value: str
+    dest: str
+
+
+def _env_flags(parser: argparse.ArgumentParser) -> Iterable[tuple[str, str, argparse.Action]]:
+    """Each flag that the environment may set: (variable, flag, action)."""
     for action in parser._actions:  # argparse has no public list of its actions
         longs = [o for o in action.option_strings if o.startswith("--")]
         if not longs or action.dest in ("help", "version"):
             continue
-        name = "RELAY_" + longs[0][2:].upper().replace("-", "_")
+        yield "RELAY_" + longs[0][2:].upper().replace("-", "_"), longs[0], action
+
+
+def apply_environment(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str]
+) -> dict[str, EnvOrigin]:
+    """Every ``--flag`` may come from ``RELAY_FLAG`` (flags on the command line win).
+
+    Returns, by flag, the variables that set a default, so an error in such
+    a value can name the variable instead of a flag the user never typed.
+    """
+    origins: dict[str, EnvOrigin] = {}
+    for name, flag, action in _env_flags(parser):
         value = environ.get(name)
         if value is None:
             continue
+        origins[flag] = EnvOrigin(name, value, action.dest)
         if action.nargs == 0:  # store_true flags
             parser.set_defaults(**{action.dest: value.strip().lower() in ("1", "true", "yes")})
         elif action.default == []:  # repeatable flags: comma-separated
@@ -372,28 +425,127 @@ def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str
         else:
             parser.set_defaults(**{action.dest: value})
         action.required = False
+    return origins
+
+
+def environment_warnings(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> list[str]:
+    """One line for each ``RELAY_*`` variable that relay does not know (a typo is ignored)."""
+    known = {name for name, _, _ in _env_flags(parser)} | set(OTHER_ENVS)
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("RELAY_") or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"ignoring unknown environment variable {name}{hint}")
+    return warnings
+
+
+def unresolved_hosts(
+    hosts: Iterable[str],
+    timeout: float = RESOLVE_TIMEOUT,
+    resolve: Callable[[str], object] = lambda host: socket.getaddrinfo(
+        host, None, type=socket.SOCK_STREAM
+    ),
+) -> list[tuple[str, str]]:
+    """Host names that do not resolve now, with the reason; waits at most ``timeout``.
+
+    Every name is looked up at once, each in a daemon thread: getaddrinfo
+    cannot be cancelled, and a resolver that hangs must neither delay the
+    start beyond ``timeout`` nor keep the process alive at exit. A name that
+    fails is only reported: relay resolves again on every connect, so a DNS
+    entry added later works.
+    """
+    names = [h for h in dict.fromkeys(hosts) if not _is_ip(h)]
+    outcome: dict[str, str | None] = {}
+
+    def look_up(host: str) -> None:
+        try:
+            resolve(host)
+            outcome[host] = None
+        except OSError as exc:
+            outcome[host] = exc.strerror or str(exc)
+
+    threads = [threading.Thread(target=look_up, args=(h,), daemon=True) for h in names]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    failed = []
+    for host in names:
+        if host not in outcome:
+            failed.append((host, f"no answer within {timeout:g}s"))
+        elif outcome[host] is not None:
+            failed.append((host, str(outcome[host])))
+    return failed
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def describe_config(config: Config) -> str:
-    """The effective configuration, one ``name = value`` a line, secrets masked."""
-    lines = []
+    """The effective configuration as the flags that give it, one a line, secrets masked.
+
+    Every line is ``--flag VALUE`` (shell-quoted) or a bare ``--flag``, so the
+    output reads as a command line and parses back to the same configuration;
+    unset options are left out, and secrets appear only as ``#`` comments.
+    """
+    lines: list[str] = []
+
+    def add(flag: str, value: object = None) -> None:
+        lines.append(flag if value is None else f"{flag} {shlex.quote(str(value))}")
+
+    add("--listen", config.listen)
+    for upstream in config.upstreams:
+        add("--upstream", _show_upstream(upstream))
+    add("--balance", config.balance)
+    for model, targets in config.routes:
+        add("--route", f"{model}={','.join(map(_show_upstream, targets))}")
+    if config.strict_models:
+        add("--strict-models")
+    if config.health_check is not None:
+        add("--health-check", config.health_check)
+    add("--health-interval", _show_default(config.health_interval, "duration"))
+    for alias, target in config.model_map.aliases.items():
+        add("--model-map", f"{alias}={target}")
+    if config.model_map.default is not None:
+        add("--model", config.model_map.default)
+    for flag, value in (
+        ("--tls-cert", config.tls_cert),
+        ("--tls-key", config.tls_key),
+        ("--tls-client-ca", config.tls_client_ca),
+        ("--upstream-ca", config.upstream_ca),
+        ("--upstream-cert", config.upstream_cert),
+        ("--upstream-key", config.upstream_key),
+        ("--api-key-file", config.api_key_file),
+        ("--admin-listen", config.admin_listen),
+    ):
+        if value is not None:
+            add(flag, value)
+    if not config.upstream_tls_verify:
+        add("--upstream-insecure-skip-verify")
     for spec in dataclasses.fields(config):
-        value: Any = getattr(config, spec.name)
-        if spec.name == "api_keys":
-            value = f"<{len(value)} keys>" if value else "none"
-        elif spec.name == "upstream_api_key":
-            value = "<set>" if value else "none"
-        elif spec.name == "model_map":
-            value = dict(value.aliases) | ({"*": value.default} if value.default else {})
-        elif isinstance(value, (ListenAddress, UpstreamAddress)):
-            value = str(value)
-        elif spec.name == "more_upstreams":
-            value = ", ".join(map(str, value)) or "none"
-        elif spec.name == "routes":
-            value = "; ".join(f"{m}={','.join(map(str, t))}" for m, t in value) or "none"
-        elif spec.name == "more_upstreams":
-            value = ", ".join(map(str, value)) or "none"
-        elif spec.name == "routes":
-            value = "; ".join(f"{m}={','.join(map(str, t))}" for m, t in value) or "none"
-        lines.append(f"{spec.name} = {value}")
+        if "flag" in spec.metadata:
+            value = getattr(config, spec.name)
+            add(spec.metadata["flag"], _show_default(value, spec.metadata["kind"]))
+    add("--workers", config.workers)
+    add("--log-format", config.log_format)
+    add("--loop", config.loop)
+    add("--log-level", config.log_level)
+    if config.api_keys:
+        count = len(config.api_keys)
+        lines.append(f"# {KEYS_ENV}: {count} key{'s' if count != 1 else ''} (masked)")
+    if config.upstream_api_key:
+        lines.append("# upstream API key: set (masked)")
     return "\n".join(lines)
+
+
+def _show_upstream(upstream: UpstreamAddress) -> str:
+    # Plain http is how users write it: HOST:PORT.
+    return upstream.authority if upstream.scheme == "http" else str(upstream)

@@ -3,13 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
-__all__ = ["EXIT_USAGE", "OneLineParser"]
+__all__ = ["EXIT_USAGE", "OneLineParser", "join_negative_values"]
 
 #: Exit code for bad flags, as argparse and the BSD ``sysexits`` tradition use.
 EXIT_USAGE = 2
+
+# A word that starts like a negative number ("-5s", "-1m", "-.5"). No relay
+# option looks like this, so such a word can only be the value of the flag
+# before it.
+_NEGATIVE_VALUE = re.compile(r"-\.?[0-9]")
+
+
+def join_negative_values(args: Sequence[str]) -> list[str]:
+    """``["--x", "-5s"]`` → ``["--x=-5s"]``, so a negative value reaches its validator.
+
+    argparse takes any word that starts with ``-`` and is not a plain
+    negative number for an option, so ``--client-head-timeout -5s`` would
+    fail with "expected one argument" instead of "must be positive". Only
+    words after a long option without ``=`` are joined; after ``--`` nothing
+    is touched.
+    """
+    out: list[str] = []
+    for word in args:
+        previous = out[-1] if out else ""
+        if (
+            _NEGATIVE_VALUE.match(word)
+            and previous.startswith("--")
+            and len(previous) > 2
+            and "=" not in previous
+            and "--" not in out
+        ):
+            out[-1] = f"{previous}={word}"
+        else:
+            out.append(word)
+    return out
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,3 +54,9 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(EXIT_USAGE)
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = sys.argv[1:] if args is None else args
+        return super().parse_known_args(join_negative_values(words), namespace)

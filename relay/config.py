@@ -353,7 +353,8 @@ def parse_upstream(text: str, flag: str = "--upstream") -> UpstreamAddress:
     return UpstreamAddress(host, port, scheme)
 
 
-_SIZE_RE = re.compile(r"([0-9]+)\s*([kmg]i?b?|b)?", re.IGNORECASE)
+# A sign is accepted so that "-1k" gets "must be positive", not "expected a size".
+_SIZE_RE = re.compile(r"(-?[0-9]+)\s*([kmg]i?b?|b)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -362,11 +363,13 @@ def parse_size(text: str, flag: str) -> int:
     match = _SIZE_RE.fullmatch(text.strip())
     if match is None:
         raise ConfigError(flag, f"expected a size such as 65536, 64k or 1m, got {text!r}")
+    if match.group(1).startswith("-"):
+        raise ConfigError(flag, f"must be a positive size, got {text!r}")
     unit = (match.group(2) or "").lower()[:1]
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
-_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?", re.IGNORECASE)
+_DURATION_RE = re.compile(r"(-?[0-9]+(?:\.[0-9]*)?|-?\.[0-9]+)\s*(ms|s|m|h)?", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -386,6 +389,8 @@ _COUNT_RE = re.compile(r"[0-9]{1,9}")
 
 def parse_count(text: str, flag: str) -> int:
     """A whole number of things (connections, idle slots)."""
+    if _COUNT_RE.fullmatch(text.strip().removeprefix("-")) and text.strip().startswith("-"):
+        raise ConfigError(flag, f"must not be negative, got {text!r}")
     if not _COUNT_RE.fullmatch(text.strip()):
         raise ConfigError(flag, f"expected a whole number, got {text!r}")
     return int(text)

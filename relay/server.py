@@ -21,7 +21,7 @@ from typing import Any
 from . import systemd
 from .admin import AdminConnection
 from .auth import KeyRing, parse_key_file
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ListenAddress
 from .downstream import ClientConnection
 from .metrics import Metrics
 from .tls import TLSError, reload_server_context, server_context, upstream_context
@@ -43,15 +43,42 @@ def load_keys(config: Config) -> list[str]:
             with open(config.api_key_file, encoding="utf-8") as file:
                 keys += parse_key_file(file.read())
         except OSError as exc:
-            raise ConfigError("--api-key-file", f"cannot read: {exc.strerror}") from None
+            reason = f"cannot read {config.api_key_file}: {exc.strerror}"
+            raise ConfigError("--api-key-file", reason) from None
         if not keys:
             raise ConfigError("--api-key-file", "holds no keys")
     return keys
 
 
 def preflight(config: Config) -> None:
-    """Load every file the config names, so a bad one fails at start with its flag."""
+    """Load every file the config names, and try the admin port, so that a bad
+    one fails at start with its flag."""
     ServerState(config)
+    if config.admin_listen is not None:
+        _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
+
+
+def _try_bind(host: str | None, port: int, flag: str, config: Config) -> None:
+    # Bind (and close) a socket as create_server will, so a busy port is
+    # reported against the flag that names it rather than --listen.
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(flag, f"cannot resolve {host}: {exc.strerror or exc}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if config.workers > 1 and hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                where = ListenAddress(address[0], port)
+                raise ConfigError(flag, f"cannot listen on {where}: {exc.strerror}") from None
 
 
 class ServerState:

@@ -34,11 +34,43 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
+#: The flag that names the private key for each certificate flag.
+_KEY_FLAG = {"--tls-cert": "--tls-key", "--upstream-cert": "--upstream-key"}
+
+
+def _read_pem(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise TLSError(flag, f"cannot read {path}: {_describe(exc)}") from None
+
+
 def _load_chain(context: ssl.SSLContext, cert: str, key: str | None, flag: str) -> None:
+    """Load ``cert`` (and ``key``); an error names the flag and file at fault.
+
+    OpenSSL reports a missing key file or a bad key as a failure of the
+    chain ("PEM lib"), so each file is read first and, when loading fails,
+    the PEM markers tell which file is wrong.
+    """
+    key_flag = _KEY_FLAG.get(flag, flag)
+    cert_pem = _read_pem(cert, flag)
+    key_pem = _read_pem(key, key_flag) if key is not None else cert_pem
+    key_file = key if key is not None else cert
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise TLSError(flag, f"cannot load {cert}: {_describe(exc)}") from None
+        if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+            raise TLSError(
+                key_flag, f"the key in {key_file} does not match the certificate in {cert}"
+            ) from None
+        if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+            raise TLSError(flag, f"{cert} holds no PEM certificate") from None
+        if b"PRIVATE KEY-----" not in key_pem:
+            hint = "" if key is not None else f" (give {key_flag})"
+            raise TLSError(key_flag, f"{key_file} holds no PEM private key{hint}") from None
+        reason = _describe(exc)
+        raise TLSError(flag, f"cannot load {cert} with key {key_file}: {reason}") from None
 
 
 def server_context(cert: str, key: str | None, client_ca: str | None = None) -> ssl.SSLContext:

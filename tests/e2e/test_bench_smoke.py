@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,38 @@ def test_quick_bench_produces_results():
         assert summary["errors"] == 0
         assert summary["tokens"] == 16
     assert peers["relay"]["coalesced"] == 0
+
+
+def test_the_cdf_panel_is_titled_by_its_data_and_reaches_one():
+    """The CDF shows N=1000 when it ran, else N=1 (and says so); it ends at exactly 1.0."""
+    from bench.run import cdf_points, cdf_scenario
+
+    assert cdf_scenario({"N=1": {}}) == "N=1"
+    assert cdf_scenario({"N=1": {}, "N=1000": {}}) == "N=1000"
+    xs, ys = cdf_points([3.0, 1.0, 2.0])
+    assert xs == [1.0, 2.0, 3.0] and ys[-1] == 1.0 and ys[0] == 1 / 3
+
+
+def test_cpu_too_small_to_measure_is_not_reported_as_zero():
+    """A run shorter than a few clock ticks reports no CPU per token, not 0.00."""
+    from bench.peers import CLOCK_TICKS
+    from bench.run import cpu_per_token_us, fmt
+
+    assert fmt(cpu_per_token_us(0.0, 16)) == "-"
+    assert fmt(cpu_per_token_us(1 / CLOCK_TICKS, 16)) == "-"
+    assert cpu_per_token_us(1.0, 1000) == 1000.0
+    assert cpu_per_token_us(None, 16) is None
+
+
+def test_bench_help_lists_its_flags_on_separate_lines():
+    """`python -m bench.run --help` keeps the usage examples as lines and documents --quick."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert "\n    python -m bench.run --quick    # " in result.stdout
+    assert re.search(r"\n  --quick\s+only N=1", result.stdout)

@@ -1,0 +1,259 @@
+"""Start-up messages name what the user wrote: the flag, its file, or the variable."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from relay import cli
+from relay.cliparse import join_negative_values
+from relay.config import Config
+
+LIMIT = 20
+
+
+def relay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """relay as a subprocess that is expected to stop at start-up."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
+        timeout=LIMIT,
+    )
+
+
+def one_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A certificate, its key, another key, their combination and a non-PEM file."""
+    root = tmp_path_factory.mktemp("pem")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    other = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(root / "server.pem"))
+    cert.private_key_pem.write_to_path(str(root / "key.pem"))
+    other.private_key_pem.write_to_path(str(root / "other-key.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(root / "both.pem"))
+    (root / "notes.txt").write_text("not a PEM file\n")
+    return {p.name: str(p) for p in root.iterdir()}
+
+
+BASE = ("--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0")
+
+
+def test_a_missing_tls_key_names_the_key_flag_and_path(pem):
+    """A --tls-key that does not exist is reported against --tls-key and its path, not the cert."""
+    missing = str(Path(pem["key.pem"]).with_name("absent-key.pem"))
+    err = one_error(relay(*BASE, "--tls-cert", pem["server.pem"], "--tls-key", missing))
+    assert "argument --tls-key:" in err and "absent-key.pem" in err
+    assert "No such file or directory" in err and "server.pem" not in err
+
+
+def test_an_unreadable_tls_key_names_the_key_flag(pem, tmp_path):
+    """A --tls-key that is a directory (unreadable) names --tls-key and the path."""
+    err = one_error(relay(*BASE, "--tls-cert", pem["server.pem"], "--tls-key", str(tmp_path)))
+    assert f"argument --tls-key: cannot read {tmp_path}" in err
+
+
+def test_a_certificate_without_a_key_asks_for_tls_key(pem):
+    """A --tls-cert holding no private key, with no --tls-key, says that --tls-key is missing."""
+    err = one_error(relay(*BASE, "--tls-cert", pem["server.pem"]))
+    assert "argument --tls-key:" in err and "server.pem holds no PEM private key" in err
+
+
+def test_a_key_that_is_not_pem_names_the_key(pem):
+    """A --tls-key file with no PEM key in it names --tls-key and that file."""
+    err = one_error(relay(*BASE, "--tls-cert", pem["server.pem"], "--tls-key", pem["notes.txt"]))
+    assert "argument --tls-key:" in err and "notes.txt holds no PEM private key" in err
+
+
+def test_a_mismatched_pair_names_both_files(pem):
+    """A key that does not belong to the certificate names the key flag and both files."""
+    err = one_error(
+        relay(*BASE, "--tls-cert", pem["server.pem"], "--tls-key", pem["other-key.pem"])
+    )
+    assert "argument --tls-key:" in err
+    assert "other-key.pem" in err and "server.pem" in err and "does not match" in err
+
+
+def test_a_missing_certificate_names_the_certificate(pem):
+    """A --tls-cert that does not exist is reported against --tls-cert and its path."""
+    missing = str(Path(pem["server.pem"]).with_name("absent.pem"))
+    err = one_error(relay(*BASE, "--tls-cert", missing, "--tls-key", pem["key.pem"]))
+    assert f"argument --tls-cert: cannot read {missing}: No such file or directory" in err
+
+
+def test_a_non_pem_certificate_names_the_certificate(pem):
+    """A --tls-cert that holds no certificate names --tls-cert, even with a good key."""
+    err = one_error(relay(*BASE, "--tls-cert", pem["notes.txt"], "--tls-key", pem["key.pem"]))
+    assert "argument --tls-cert:" in err and "notes.txt holds no PEM certificate" in err
+
+
+def test_a_combined_pem_file_is_enough(pem):
+    """A --tls-cert holding both the chain and the key passes the start-up checks."""
+    result = relay(*BASE, "--tls-cert", pem["both.pem"], "--api-key-file", "absent-keys.txt")
+    # The TLS files passed; the next check (the key file) is what stops it.
+    assert "argument --api-key-file" in one_error(result)
+
+
+def test_a_busy_admin_port_names_admin_listen():
+    """An --admin-listen port in use is reported against --admin-listen and its address."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = relay(*BASE, "--admin-listen", f"127.0.0.1:{port}")
+    err = one_error(result)
+    assert f"argument --admin-listen: cannot listen on 127.0.0.1:{port}" in err
+    assert "--listen:" not in err
+
+
+@pytest.mark.parametrize("flag", ["--api-key-file", "--model-map-file", "--upstream-api-key-file"])
+def test_an_unreadable_file_is_named(flag, tmp_path):
+    """A file flag that cannot be read names the flag and the file."""
+    missing = tmp_path / "nope.txt"
+    err = one_error(relay(*BASE, flag, str(missing)))
+    assert f"argument {flag}: cannot read {missing}: No such file or directory" in err
+
+
+def test_an_invalid_environment_value_names_the_variable():
+    """A bad RELAY_* value names the variable and its value, not a flag never typed."""
+    err = one_error(relay(*BASE, env={"RELAY_MAX_BODY_BYTES": "lots"}))
+    assert err.startswith("relay: error: RELAY_MAX_BODY_BYTES=lots: expected a size")
+    err = one_error(relay(*BASE, env={"RELAY_WORKERS": "many"}))
+    assert "RELAY_WORKERS=many:" in err
+    err = one_error(relay(*BASE, env={"RELAY_CLIENT_HEAD_TIMEOUT": "0"}))
+    assert "RELAY_CLIENT_HEAD_TIMEOUT=0: must be a positive duration" in err
+
+
+def test_a_flag_that_overrides_a_bad_variable_is_the_one_named():
+    """When the command line sets the flag, its error names the flag, not the variable."""
+    result = relay(*BASE, "--max-body-bytes", "huge", env={"RELAY_MAX_BODY_BYTES": "1m"})
+    assert "argument --max-body-bytes:" in one_error(result)
+    fine = relay(
+        *BASE, "--max-body-bytes", "2m", "--print-config", env={"RELAY_MAX_BODY_BYTES": "x"}
+    )
+    assert fine.returncode == 0 and "--max-body-bytes 2m" in fine.stdout
+
+
+def test_an_unknown_relay_variable_is_warned_about_with_a_suggestion():
+    """A typo such as RELAY_LISTN gets one warning line naming it and the likely variable."""
+    env = {"RELAY_LISTN": ":5000", "RELAY_UPSTREAM": "127.0.0.1:1", "RELAY_ZZZZZZZZZ": "1"}
+    result = relay("--print-config", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines == [
+        "relay: warning: ignoring unknown environment variable RELAY_LISTN "
+        "(did you mean RELAY_LISTEN?)",
+        "relay: warning: ignoring unknown environment variable RELAY_ZZZZZZZZZ",
+    ]
+
+
+def test_known_variables_draw_no_warning():
+    """Every flag's variable and the key variables are known."""
+    parser = cli.build_parser()
+    env = {name: "x" for name, _, _ in cli._env_flags(parser)}
+    env.update(dict.fromkeys(cli.OTHER_ENVS, "x"))
+    assert cli.environment_warnings(parser, env) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--client-head-timeout", "-5s"], "argument --client-head-timeout: must be a positive"),
+        (
+            ["--upstream-idle-timeout", "-.5"],
+            "argument --upstream-idle-timeout: must be a positive",
+        ),
+        (["--max-body-bytes", "-1k"], "argument --max-body-bytes: must be a positive size"),
+        (["--max-connections", "-3"], "argument --max-connections: must not be negative"),
+        (["--workers", "-2"], "argument --workers: must not be negative"),
+    ],
+)
+def test_a_negative_value_reaches_its_validator(argv, message):
+    """A negative-looking value is the flag's value, so the validator says what is wrong."""
+    assert message in one_error(relay(*BASE, *argv))
+
+
+def test_join_negative_values():
+    """Only a negative-looking word right after a long option without '=' is joined to it."""
+    assert join_negative_values(["--a", "-5s", "-x", "-5"]) == ["--a=-5s", "-x", "-5"]
+    assert join_negative_values(["--a=1", "-5s"]) == ["--a=1", "-5s"]
+    assert join_negative_values(["--", "--a", "-5"]) == ["--", "--a", "-5"]
+    assert join_negative_values(["--a", "--b"]) == ["--a", "--b"]
+
+
+def test_print_config_is_flags_that_parse_back_to_the_same_config():
+    """--print-config prints one flag a line as a user types them, and they parse back."""
+    argv = [
+        "--upstream", "gpu1:30000", "--upstream", "gpu2:30000",
+        "--route", "big=gpu2:30000", "--strict-models", "--model-map", "a=b c",
+        "--model", "m", "--admin-listen", "127.0.0.1:4001", "--client-head-timeout", "500ms",
+        "--max-body-bytes", "1m", "--workers", "2", "--health-check", "/health",
+    ]  # fmt: skip
+    result = relay(*argv, "--print-config", env={"RELAY_API_KEYS": "sk-very-secret"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    lines = out.splitlines()
+    assert lines[:3] == ["--listen :4000", "--upstream gpu1:30000", "--upstream gpu2:30000"]
+    for line in ("--client-head-timeout 0.5s", "--max-body-bytes 1m", "--model-map 'a=b c'"):
+        assert line in lines
+    assert "# RELAY_API_KEYS: 1 key (masked)" in lines
+    assert "sk-very-secret" not in out and "None" not in out
+    flag_lines = [line for line in lines if not line.startswith("#")]
+    assert all(line.startswith("--") and "_" not in line for line in flag_lines), out
+    flags = [word for line in flag_lines for word in shlex.split(line)]
+    parsed = cli.config_from_args(cli.build_parser().parse_args(flags))
+    expected = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert parsed == expected
+
+
+def test_print_config_shows_every_config_field():
+    """Every Config field with a flag appears in --print-config (a new limit cannot be missed)."""
+    import dataclasses
+
+    out = cli.describe_config(Config())
+    for spec in dataclasses.fields(Config):
+        if "flag" in spec.metadata:
+            assert spec.metadata["flag"] + " " in out
+
+
+def test_an_unresolvable_upstream_host_is_warned_about():
+    """An --upstream host name that does not resolve gets a warning; relay starts anyway."""
+    failed = cli.unresolved_hosts(["relay-test.invalid", "127.0.0.1", "localhost"])
+    assert [host for host, _ in failed] == ["relay-test.invalid"]
+
+
+def test_a_hanging_resolver_does_not_hold_up_the_start():
+    """Lookups that never answer are reported after the timeout, all waited for together."""
+    release = threading.Event()
+
+    def hang(host: str) -> None:
+        release.wait(LIMIT)
+
+    started = time.monotonic()
+    try:
+        failed = cli.unresolved_hosts(["a.example", "b.example"], timeout=0.3, resolve=hang)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 1.0
+    assert failed == [
+        ("a.example", "no answer within 0.3s"),
+        ("b.example", "no answer within 0.3s"),
+    ]
