@@ -319,14 +319,18 @@ class Exchange:
             target=origin_form(self.request.target),
             headers=self._upstream_headers,
         )
-        parts = [conn.send(request)]
-        # The body so far: on a retry, everything sent the first time.
-        parts.extend(conn.send(h11.Data(data=piece)) for piece in self._replay or ())
+        parts: list[bytes | bytearray | None] = [conn.send(request)]
+        # The body so far: on a retry, everything sent the first time. The
+        # pieces pass through h11 uncopied and go out with one writelines: a
+        # big collected body is never joined into one buffer on the loop.
+        for piece in self._replay or ():
+            parts.extend(conn.send_with_data_passthrough(h11.Data(data=piece)) or ())
         if unreplayed:
-            parts.append(conn.send(h11.Data(data=unreplayed)))
+            parts.extend(conn.send_with_data_passthrough(h11.Data(data=unreplayed)) or ())
         if self.request_complete and conn.our_state is h11.SEND_BODY:
             parts.append(conn.send(h11.EndOfMessage()))
-        self._send_upstream(b"".join(part for part in parts if part))
+        if self._upstream is not None:
+            self._upstream.transport.writelines([part for part in parts if part])
 
     def _send_upstream(self, data: bytes | None) -> None:
         if data and self._upstream is not None:
