@@ -182,3 +182,32 @@ def test_key_lists_of_only_separators_are_refused():
     for bad in (",,, ", " ", ",", "\t,\n"):
         with pytest.raises(KeyListError):
             parse_key_list(bad)
+
+
+@pytest.mark.parametrize("value", [",,, ", " ", ","])
+def test_relay_api_keys_of_only_separators_stop_startup_naming_the_variable(monkeypatch, value):
+    """The CLI refuses RELAY_API_KEYS that names no key, with a message naming it."""
+    from relay import cli
+    from relay.config import ConfigError
+
+    monkeypatch.setenv("RELAY_API_KEYS", value)
+    args = cli.build_parser().parse_args(["--upstream", "127.0.0.1:1"])
+    with pytest.raises(ConfigError) as caught:
+        cli.config_from_args(args)
+    assert caught.value.flag == "RELAY_API_KEYS"
+    monkeypatch.setenv("RELAY_API_KEYS", "sk-a,,sk-b")
+    assert cli.config_from_args(args).api_keys == ("sk-a", "sk-b")
+
+
+def test_max_inspect_bytes_is_a_size_flag_and_an_environment_variable(monkeypatch):
+    """--max-inspect-bytes and RELAY_MAX_INSPECT_BYTES set the server-wide inspect budget."""
+    from relay import cli
+    from relay.config import Config
+
+    assert Config().max_inspect_bytes == 256 * 1024 * 1024
+    args = cli.build_parser().parse_args(["--upstream", "a:1", "--max-inspect-bytes", "1m"])
+    assert cli.config_from_args(args).max_inspect_bytes == 1024 * 1024
+    parser = cli.build_parser()
+    cli.apply_environment(parser, {"RELAY_MAX_INSPECT_BYTES": "2m"})
+    args = parser.parse_args(["--upstream", "a:1"])
+    assert cli.config_from_args(args).max_inspect_bytes == 2 * 1024 * 1024
