@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "access", "log_exchange", "setup_logging"]
+__all__ = ["JsonFormatter", "access", "log_exchange", "setup_logging", "text_value"]
 
 access = logging.getLogger("relay.access")
 
@@ -50,6 +51,43 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(getattr(logging, level.upper()))
 
 
+#: Characters that could end or forge a log line, or that a terminal acts on:
+#: C0 controls, DEL, C1 controls, the Unicode line and paragraph separators,
+#: and lone surrogates (which would make the UTF-8 stream writer fail).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: Text-format values holding one of these are written in double quotes.
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _safe(value: str) -> str:
+    """``value`` with every unsafe character written as a ``\\xNN``/``\\uNNNN`` escape."""
+    return _UNSAFE.sub(_escape, value)
+
+
+def text_value(value: object) -> str:
+    """One ``key=value`` value for the text format: never more than one line.
+
+    Client-chosen strings (path, model names) may hold newlines or quotes;
+    escaped and, where needed, quoted, they cannot forge a line or a field.
+    """
+    text = str(value)
+    if not text or _NEEDS_QUOTES.search(text) or _UNSAFE.search(text):
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + _safe(escaped) + '"'
+    return text
+
+
+def _json_safe(value: str) -> str:
+    """``value`` with lone surrogates escaped; everything else as it is."""
+    return _SURROGATE.sub(_escape, value)
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
@@ -73,13 +111,15 @@ def log_exchange(
     """Write the access line for one finished exchange (if INFO is enabled)."""
     if not access.isEnabledFor(logging.INFO):
         return
+    # JSON escapes control characters itself; only lone surrogates (valid
+    # in a Python str, not in UTF-8) are made safe for it.
     fields = {
-        "client": client,
-        "method": method.decode("ascii", "replace"),
-        "path": target.decode("ascii", "replace"),
+        "client": _json_safe(client),
+        "method": _json_safe(method.decode("ascii", "replace")),
+        "path": _json_safe(target.decode("ascii", "replace")),
         "status": status,
-        "model": requested_model,
-        "forwarded_model": forwarded_model,
+        "model": None if requested_model is None else _json_safe(requested_model),
+        "forwarded_model": None if forwarded_model is None else _json_safe(forwarded_model),
         "upstream": upstream,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
@@ -88,5 +128,5 @@ def log_exchange(
         "total_ms": _ms(total_s),
         "ending": ending,
     }
-    text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    text = " ".join(f"{k}={text_value(v)}" for k, v in fields.items() if v is not None)
     access.info(text, extra={"fields": fields})

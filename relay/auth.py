@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable, Sequence
 
-__all__ = ["KeyRing", "parse_key_file", "parse_key_list"]
+__all__ = ["KeyListError", "KeyRing", "parse_key_file", "parse_key_list"]
 
 
 def parse_key_file(content: str) -> list[str]:
@@ -25,9 +25,22 @@ def parse_key_file(content: str) -> list[str]:
     return keys
 
 
+class KeyListError(ValueError):
+    """A key list that is set but names no key."""
+
+
 def parse_key_list(value: str) -> list[str]:
-    """Keys from a comma- or whitespace-separated environment value."""
-    return [key for key in value.replace(",", " ").split() if key]
+    """Keys from a comma- or whitespace-separated environment value.
+
+    An empty value means no keys. A value made only of separators
+    (``",, "``) raises :class:`KeyListError`: it reads as "keys were meant
+    here", and silently serving without authentication would be the worst
+    reading of it (an empty key file is refused for the same reason).
+    """
+    keys = [key for key in value.replace(",", " ").split() if key]
+    if value and not keys:
+        raise KeyListError("is set but holds no keys (only separators)")
+    return keys
 
 
 def _presented(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:

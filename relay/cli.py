@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from . import __version__
 from .accesslog import setup_logging
-from .auth import parse_key_file, parse_key_list
+from .auth import KeyListError, parse_key_file, parse_key_list
 from .cliparse import EXIT_USAGE, OneLineParser
 from .config import (
     BALANCE_POLICIES,
@@ -256,7 +256,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.health_interval is not None:
         values["health_interval"] = parse_duration(args.health_interval, "--health-interval")
     values["upstream_tls_verify"] = not args.upstream_insecure_skip_verify
-    values["api_keys"] = tuple(parse_key_list(os.environ.get(KEYS_ENV, "")))
+    try:
+        values["api_keys"] = tuple(parse_key_list(os.environ.get(KEYS_ENV, "")))
+    except KeyListError as exc:
+        raise ConfigError(KEYS_ENV, str(exc)) from None
     values["upstream_api_key"] = _upstream_key(args)
     for spec in dataclasses.fields(Config):
         meta = spec.metadata

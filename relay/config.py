@@ -111,6 +111,15 @@ class Config:
             help="largest request body accepted; 413 beyond (long prompts and images are big)",
         ),
     )
+    max_inspect_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_limits(
+            flag="--max-inspect-bytes",
+            kind="size",
+            help="request bytes all requests together may hold while relay reads their "
+            "model (aliasing, --model, --route); 503 beyond",
+        ),
+    )
     max_connections: int = field(
         default=4096,
         metadata=_limits(

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, cast
 
 import h11
 
-from .errors import RelayError, error_response
+from .errors import RelayError, error_response, protocol_error_message
 from .exchange import Ending, Exchange, Phase
 from .headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
+from .rewrite import inspect_budget_for
 from .upstream import set_nodelay
 
 if TYPE_CHECKING:
@@ -190,9 +191,14 @@ class ClientConnection(asyncio.Protocol):
         self._reading_head = False
         raw_head = bytes(self._head_bytes)
         self._head_bytes.clear()
-        self.http_version = b"1.1" if request.http_version == b"1.1" else b"1.0"
         cfg = self.config
         self._cancel_timer()  # the exchange owns the deadlines from here
+        if request.http_version not in (b"1.0", b"1.1"):
+            # h11 reads any HTTP/d.d; relay serves HTTP/1.0 and 1.1 only, and
+            # must not forward an HTTP/2.0 or 0.9 request as if it were 1.1.
+            self.send_error(RelayError(505, "only HTTP/1.0 and HTTP/1.1 are supported"))
+            return
+        self.http_version = request.http_version
         if head_length(raw_head) > cfg.max_header_bytes:
             # h11 bounds only heads still incomplete; one that arrived whole
             # in a single read is measured here.
@@ -202,12 +208,12 @@ class ClientConnection(asyncio.Protocol):
             return
         problem = find_head_problem(raw_head)
         if problem is not None:
-            self.send_error(RelayError(400, problem, "bad_request"))
+            self.send_error(RelayError(400, problem))
             return
         try:
             check_request_headers(request.headers)
         except RequestHeadProblem as exc:
-            self.send_error(RelayError(exc.status, str(exc), "bad_request"))
+            self.send_error(RelayError(exc.status, str(exc)))
             return
         if self.state.draining:
             self.send_error(RelayError(503, "relay is shutting down", "unavailable"))
@@ -236,6 +242,7 @@ class ClientConnection(asyncio.Protocol):
             router=self.state.router,
             metrics=self.state.metrics,
             waiting_for_continue=self._h11.they_are_waiting_for_100_continue,
+            inspect_budget=inspect_budget_for(self.state, cfg.max_inspect_bytes),
         )
         self.exchange = exchange
         exchange.start()
@@ -264,8 +271,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if exchange is not None:
             exchange.abort(Ending.ERROR)
-        code = "request_header_fields_too_large" if status == 431 else "bad_request"
-        self.send_error(RelayError(status, f"invalid request: {exc}", code))
+        # h11's text quotes the offending line (it may hold an API key): it
+        # is neither logged nor sent; a fixed message names the problem.
+        self.send_error(RelayError(status, protocol_error_message(status, str(exc))))
 
     # -- called by the exchange ----------------------------------------------
     def exchange_ready_for_body(self) -> None:

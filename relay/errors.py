@@ -4,6 +4,13 @@ OpenAI clients (the official SDKs, LiteLLM, LangChain) read
 ``{"error": {"message", "type", "code"}}``; answering in that shape makes a
 relay failure show up in the client's own error message instead of as a
 parse error.
+
+Every status relay can send has one row in :data:`STATUS_ERRORS`, and a
+:class:`RelayError` takes its ``type`` and ``code`` from that row unless the
+call site names a more precise code (``model_not_found``,
+``upstream_unreachable``). Messages are short fixed sentences chosen by
+relay: never a parser's internal text, never a byte of the request (a header
+line may hold an API key).
 """
 
 from __future__ import annotations
@@ -12,22 +19,95 @@ import json
 from dataclasses import dataclass
 from http import HTTPStatus
 
-__all__ = ["RelayError", "error_body", "error_response"]
+__all__ = [
+    "STATUS_ERRORS",
+    "RelayError",
+    "error_body",
+    "error_response",
+    "protocol_error_message",
+]
+
+#: status → (OpenAI error ``type``, default ``code``). The OpenAI API uses two
+#: families of types: ``invalid_request_error`` for 4xx (the request is at
+#: fault) and ``server_error`` for 5xx; the code names the status.
+STATUS_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    431: ("invalid_request_error", "request_header_fields_too_large"),
+    500: ("server_error", "internal_error"),
+    501: ("server_error", "not_implemented"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "unavailable"),
+    504: ("server_error", "upstream_timeout"),
+    505: ("server_error", "http_version_not_supported"),
+}
+
+
+def _row(status: int) -> tuple[str, str]:
+    row = STATUS_ERRORS.get(status)
+    if row is not None:
+        return row
+    family = "invalid_request_error" if status < 500 else "server_error"
+    return family, "bad_request" if status < 500 else "internal_error"
 
 
 @dataclass(frozen=True)
 class RelayError:
-    """A failure relay answers for itself, before any upstream byte was sent."""
+    """A failure relay answers for itself, before any upstream byte was sent.
+
+    ``code`` defaults to the status's code in :data:`STATUS_ERRORS`; pass it
+    only to be more precise than the status.
+    """
 
     status: int
     message: str
-    code: str
+    code: str = ""
     headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.code:
+            object.__setattr__(self, "code", _row(self.status)[1])
 
     @property
     def type(self) -> str:
-        # The OpenAI API uses these two families of error types.
-        return "invalid_request_error" if self.status < 500 else "server_error"
+        return _row(self.status)[0]
+
+
+#: h11's error texts (lower case) → the fixed message relay sends instead.
+#: h11 puts the offending bytes into its messages (``bytearray(b'...')``),
+#: which may hold a credential, so its text never leaves relay.
+_PROTOCOL_MESSAGES = (
+    ("request line", "malformed request line"),
+    ("content-length", "invalid Content-Length"),
+    ("transfer-encoding", "invalid or unsupported Transfer-Encoding"),
+    ("transfer encoding", "invalid or unsupported Transfer-Encoding"),
+    ("chunk", "malformed chunked body"),
+    ("header", "malformed header line"),
+    ("continuation line", "malformed header line"),
+    ("host", "missing or repeated Host header"),
+)
+
+
+def protocol_error_message(status: int, parser_text: str) -> str:
+    """A short, stable message for a request the HTTP parser refused.
+
+    ``parser_text`` is the parser's own description; only known phrases in
+    its fixed part (before the first ``:``, where h11 appends the offending
+    bytes) choose the message, and none of its text is copied.
+    """
+    if status == 431:
+        return "request head too large"
+    if status == 501:
+        return "unsupported Transfer-Encoding"
+    lowered = parser_text.split(":", 1)[0].lower()
+    for phrase, message in _PROTOCOL_MESSAGES:
+        if phrase in lowered:
+            return message
+    return "malformed request"
 
 
 def error_body(error: RelayError) -> bytes:

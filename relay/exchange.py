@@ -27,6 +27,7 @@ import contextlib
 import enum
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING, Protocol
 
 import h11
@@ -45,10 +46,24 @@ from .framing import (
     encode_chunk,
     plan_response,
 )
-from .headers import has_token, is_json_or_untyped, request_headers_for_upstream, response_head
+from .headers import (
+    has_token,
+    is_json_or_untyped,
+    origin_form,
+    request_headers_for_upstream,
+    response_head,
+)
 from .headers import response_headers_for_client as client_headers
 from .modellist import MAX_MODEL_LIST_BYTES, merge_model_lists, parse_model_list
-from .rewrite import rewrite_model
+from .rewrite import (
+    MAX_DEPTH,
+    MAX_MODEL_VALUE_BYTES,
+    InspectBudget,
+    InspectHold,
+    ModelScanner,
+    ScanStatus,
+    rewrite_pieces,
+)
 from .upstream import (
     ConnectError,
     ConnectTimeout,
@@ -122,6 +137,7 @@ class Exchange:
         router: Router,
         metrics: Metrics,
         waiting_for_continue: bool,
+        inspect_budget: InspectBudget | None = None,
     ) -> None:
         self.client = client
         self.request = request
@@ -188,16 +204,23 @@ class Exchange:
                 headers.append((b"transfer-encoding", b"chunked"))
                 self._expects_body = True
         self._upstream_headers = headers
-        # Model aliasing needs the whole JSON body (bounded by max_body_bytes);
-        # without a mapping, request bodies stream through untouched.
+        # Model aliasing needs the whole JSON body (bounded by max_body_bytes
+        # each and max_inspect_bytes together), scanned chunk by chunk as it
+        # arrives; without a mapping, request bodies stream through untouched.
         self._collected: list[bytes] | None = None
+        self._scanner: ModelScanner | None = None
+        self._hold: InspectHold | None = None
         self._route_by_body = False
+        # Pinning (--model) and routing must know the model: a body whose
+        # model relay cannot read is refused, never passed on for an upstream
+        # that might read it. Aliases alone may let such a body pass.
+        self._must_read_model = config.model_map.default is not None or router.routes_by_model
         # relay answers the model list itself when it knows names (aliases,
         # routes) or upstreams (several) that one upstream's list would miss.
         self._lists_models = (
             request.method == b"GET"
             and not self._expects_body
-            and request.target.split(b"?", 1)[0] in (b"/v1/models", b"/models")
+            and origin_form(request.target).split(b"?", 1)[0] in (b"/v1/models", b"/models")
             and bool(config.model_map.aliases or router.routes or len(router.pools) > 1)
         )
         self.requested_model: str | None = None
@@ -206,9 +229,16 @@ class Exchange:
             (config.model_map or router.routes_by_model)
             and request.method == b"POST"
             and self._expects_body
-            and is_json_or_untyped(request.headers)
+            # FastAPI reads a body as JSON whatever its Content-Type on some
+            # routes: when the model must be known, every POST body is read.
+            and (self._must_read_model or is_json_or_untyped(request.headers))
         ):
             self._collected = []
+            self._scanner = ModelScanner()
+            budget = inspect_budget or InspectBudget(config.max_inspect_bytes)
+            self._hold = hold = budget.hold()
+            # Whatever way the exchange ends, its share of the budget comes back.
+            weakref.finalize(self, hold.release)
             # The upstream depends on the model the body names.
             self._route_by_body = router.routes_by_model
 
@@ -305,16 +335,22 @@ class Exchange:
         conn = self._h11
         assert conn is not None
         request = h11.Request(
-            method=self.request.method, target=self.request.target, headers=self._upstream_headers
+            method=self.request.method,
+            target=origin_form(self.request.target),
+            headers=self._upstream_headers,
         )
-        parts = [conn.send(request)]
-        # The body so far: on a retry, everything sent the first time.
-        parts.extend(conn.send(h11.Data(data=piece)) for piece in self._replay or ())
+        parts: list[bytes | bytearray | None] = [conn.send(request)]
+        # The body so far: on a retry, everything sent the first time. The
+        # pieces pass through h11 uncopied and go out with one writelines: a
+        # big collected body is never joined into one buffer on the loop.
+        for piece in self._replay or ():
+            parts.extend(conn.send_with_data_passthrough(h11.Data(data=piece)) or ())
         if unreplayed:
-            parts.append(conn.send(h11.Data(data=unreplayed)))
+            parts.extend(conn.send_with_data_passthrough(h11.Data(data=unreplayed)) or ())
         if self.request_complete and conn.our_state is h11.SEND_BODY:
             parts.append(conn.send(h11.EndOfMessage()))
-        self._send_upstream(b"".join(part for part in parts if part))
+        if self._upstream is not None:
+            self._upstream.transport.writelines([part for part in parts if part])
 
     def _send_upstream(self, data: bytes | None) -> None:
         if data and self._upstream is not None:
@@ -325,7 +361,29 @@ class Exchange:
         self.request_bytes += len(data)
         self._last_client_byte = time.monotonic()
         if self._collected is not None:
+            hold = self._hold
+            assert hold is not None and self._scanner is not None
+            if not hold.add(len(data)):
+                alone_too_big = hold.size + len(data) > hold.limit
+                hold.release()
+                self._collected = None
+                if alone_too_big:
+                    self._fail(
+                        RelayError(413, "request body too large for relay to read its model")
+                    )
+                else:
+                    self._fail(
+                        RelayError(
+                            503,
+                            "relay is reading too many request bodies at once; retry shortly",
+                            headers=((b"retry-after", b"1"),),
+                        )
+                    )
+                return
             self._collected.append(data)
+            # Scanned as it arrives: the work per read is proportional to the
+            # read, so one huge body never stalls the other streams.
+            self._scanner.feed(data)
             return
         if self._replay is not None:
             self._replay_size += len(data)
@@ -345,8 +403,10 @@ class Exchange:
     def request_end(self) -> None:
         self.request_complete = True
         if self._collected is not None:
-            self._rewrite_body(b"".join(self._collected))
-            self._collected = None
+            pieces, self._collected = self._collected, None
+            self._rewrite_body(pieces)
+            if self.phase is Phase.DONE:
+                return
             if self._route_by_body:
                 self._route_by_body = False
                 self._route()
@@ -374,7 +434,7 @@ class Exchange:
         """Ask every upstream for its models at once; answer with the merged list."""
         router = self.router
         pools = list(router.pools.values())
-        target = self.request.target.split(b"?", 1)[0]
+        target = origin_form(self.request.target).split(b"?", 1)[0]
         headers = [(n, v) for n, v in self._upstream_headers if n.lower() != b"host"]
         try:
             answers = await asyncio.gather(
@@ -427,8 +487,23 @@ class Exchange:
         self._end(Ending.COMPLETE)
         self.client.exchange_finished(keep_alive=keep)
 
-    def _rewrite_body(self, body: bytes) -> None:
-        result = rewrite_model(body, self.config.model_map)
+    def _rewrite_body(self, pieces: list[bytes]) -> None:
+        scanner, self._scanner = self._scanner, None
+        hold = self._hold
+        assert scanner is not None and hold is not None
+        scan = scanner.finish()
+        if scan.status is ScanStatus.UNREADABLE and self._must_read_model:
+            hold.release()
+            self._fail(
+                RelayError(
+                    400,
+                    "relay could not read the model of this request body: it must be UTF-8 "
+                    f"JSON, with a model value under {MAX_MODEL_VALUE_BYTES // 1024} KiB and "
+                    f"nesting under {MAX_DEPTH} levels",
+                )
+            )
+            return
+        result = rewrite_pieces(pieces, scan, self.config.model_map)
         self.requested_model = result.requested
         self.forwarded_model = result.forwarded
         headers = [
@@ -436,11 +511,14 @@ class Exchange:
             for name, value in self._upstream_headers
             if name not in (b"content-length", b"transfer-encoding")
         ]
-        headers.append((b"content-length", b"%d" % len(result.body)))
+        headers.append((b"content-length", b"%d" % result.length))
         self._upstream_headers = headers
         # The (possibly rewritten) body goes out from the replay list, which
-        # also serves a retry; it is bounded by max_body_bytes.
-        self._replay = [result.body] if result.body else []
+        # also serves a retry; it is bounded by max_body_bytes. It is the held
+        # pieces with only the model span replaced: nothing is joined here.
+        self._replay = result.pieces
+        # Inspection is over; the pieces now wait only for the upstream write.
+        hold.release()
 
     def _finish_request(self) -> None:
         assert self._h11 is not None

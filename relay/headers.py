@@ -27,6 +27,7 @@ __all__ = [
     "head_length",
     "is_event_stream",
     "is_json_or_untyped",
+    "origin_form",
     "request_headers_for_upstream",
     "response_head",
     "response_headers_for_client",
@@ -57,7 +58,7 @@ _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # A line that begins with SP or HTAB inside a head continues the previous one
 # (obs-fold, RFC 9112 §5.2); h11 unfolds it, relay rejects it, as nginx does.
 _OBS_FOLD = re.compile(rb"\n[ \t]")
-_CONTENT_LENGTH_LINE = re.compile(rb"\ncontent-length[ \t]*:", re.IGNORECASE)
+_CONTENT_LENGTH_LINE = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 VIA = b"1.1 relay"
@@ -95,16 +96,41 @@ def find_head_problem(raw_head: bytes) -> str | None:
 
     ``raw_head`` is the bytes received from the start of the request; only
     the part up to the first empty line is looked at. h11 unfolds obs-fold
-    and merges identical ``Content-Length`` lines; both are classic
+    and merges identical ``Content-Length`` lines (and lists such as
+    ``3, 3`` in one line); both are classic
     request-smuggling vectors between two parsers, so relay refuses them.
     """
     end = _HEAD_END.search(raw_head)
     head = raw_head[: end.start() + 1] if end else raw_head
     if _OBS_FOLD.search(head):
         return "obsolete line folding in request head"
-    if len(_CONTENT_LENGTH_LINE.findall(head)) > 1:
+    lengths = _CONTENT_LENGTH_LINE.findall(head)
+    # ``Content-Length: 3, 3`` is a list of lengths in one line: h11 merges
+    # it like two lines, relay refuses it like two lines.
+    if len(lengths) > 1 or any(b"," in value for value in lengths):
         return "duplicate Content-Length header"
     return None
+
+
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)([^#]*)")
+
+
+def origin_form(target: bytes) -> bytes:
+    """The request target to send upstream: absolute-form becomes origin-form.
+
+    RFC 9112 §3.2.2: a client sends absolute-form (``http://host/path?q``) to
+    a proxy, and a server must accept it; the upstream, an origin server
+    behind relay, gets ``/path?q`` (``/`` when the path is empty, ``/?q``
+    with only a query). Origin-form and asterisk-form (``OPTIONS *``) pass
+    unchanged, as does anything relay does not recognise.
+    """
+    if target.startswith(b"/") or target == b"*":
+        return target
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        return target
+    rest = match.group(2)
+    return rest if rest.startswith(b"/") else b"/" + rest
 
 
 def head_length(raw_head: bytes) -> int:

@@ -32,7 +32,7 @@ def feed_split(data: bytes, cuts: list[int]) -> list[str]:
     return events
 
 
-@pytest.mark.parametrize(("stream", "expected"), zip(STREAMS, EXPECTED, strict=True))
+@pytest.mark.parametrize(("stream", "expected"), list(zip(STREAMS, EXPECTED, strict=True)))
 def test_every_split_point_gives_the_same_events(stream, expected):
     """Events do not depend on how the bytes were split into reads."""
     assert feed_split(stream, []) == expected
