@@ -52,11 +52,13 @@ class ScriptUpstream:
     async def start(self, *, rcvbuf: int | None = None) -> ScriptUpstream:
         """Listen on a free loopback port; ``rcvbuf`` shrinks each connection's
         receive buffer from the handshake on, so relay's writes back up early."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
+        if rcvbuf is None:
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind(("127.0.0.1", 0))
-        self.server = await asyncio.start_server(self._serve, sock=sock)
+            sock.bind(("127.0.0.1", 0))
+            self.server = await asyncio.start_server(self._serve, sock=sock)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
