@@ -135,6 +135,7 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
+  keepalive_requests 1000000;
 {http_extra}
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
@@ -167,6 +168,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+ORIGIN_CONF = """\
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      default_type application/json;
+      return 200 '{{"id":"cmpl-1","object":"chat.completion","choices":[]}}';
+    }}
+  }}
+}}
+"""
+
+
+def start_origin(cpus: set[int] | None = None) -> Peer | None:
+    """An nginx that answers every request at once with a small JSON body (no proxying):
+    the instant upstream of the per-request scenario. None when nginx is absent."""
+    return _start_nginx_conf(ORIGIN_CONF, {}, cpus, "origin")
+
+
 #: Directives that make nginx buffer a stream only for clients that accept gzip, as
 #: reported in issue #17: proxy buffering left at its default (on) and event streams
 #: compressed. Without Accept-Encoding the same nginx streams.
@@ -184,21 +213,24 @@ def start_nginx(
 
     ``http_extra`` goes into the ``http`` block (e.g. :data:`GZIP_EVENT_STREAMS`).
     """
+    values = {
+        "upstream": upstream_port,
+        "buffering": "on" if proxy_buffering else "off",
+        "http_extra": http_extra,
+    }
+    return _start_nginx_conf(NGINX_CONF, values, cpus, "nginx")
+
+
+def _start_nginx_conf(
+    template: str, values: dict[str, object], cpus: set[int] | None, name: str
+) -> Peer | None:
     binary = nginx_path()
     if binary is None:
         return None
     workdir = tempfile.TemporaryDirectory(prefix="relay-bench-nginx-")
     port = free_port()
     conf = Path(workdir.name) / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            dir=workdir.name,
-            upstream=upstream_port,
-            port=port,
-            buffering="on" if proxy_buffering else "off",
-            http_extra=http_extra,
-        )
-    )
+    conf.write_text(template.format(dir=workdir.name, port=port, **values))
     process = subprocess.Popen(
         [binary, "-c", str(conf), "-e", f"{workdir.name}/error.log"],
         stdout=subprocess.DEVNULL,
@@ -218,4 +250,4 @@ def start_nginx(
                 workdir.cleanup()
                 return None
             time.sleep(0.05)
-    return Peer("nginx", port, process, workdir)
+    return Peer(name, port, process, workdir)

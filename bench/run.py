@@ -16,13 +16,24 @@ import datetime
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.loadclient import StreamResult, run_streams
-from bench.peers import CLOCK_TICKS, Peer, start_nginx, start_relay, start_streamer
+from bench.peers import (
+    CLOCK_TICKS,
+    Peer,
+    start_nginx,
+    start_origin,
+    start_relay,
+    start_streamer,
+)
 
 RESULTS = Path(__file__).parent / "results"
 GAP_MS = 24
@@ -178,6 +189,97 @@ def saturation() -> dict[str, dict[str, Any]]:
             finally:
                 peer.stop()
     finally:
+        streamer.stop()
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return out
+
+
+WRK_POST = """\
+wrk.method = "POST"
+wrk.body = '{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def per_request(rounds: int = 3, seconds: float = 4.0) -> dict[str, dict[str, Any]]:
+    """Small non-streaming POSTs on 50 keep-alive connections, as fast as they are answered.
+
+    The upstream (an nginx answering at once) and wrk share CPU 1; the proxy under
+    test has CPU 0 to itself. Reported: requests per second and CPU microseconds
+    per request of the proxy, the median of ``rounds`` rounds that alternate peers.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    wrk = shutil.which("wrk")
+    if wrk is None or len(os.sched_getaffinity(0)) < 2:
+        print("wrk not installed or fewer than 2 CPUs: skipping the per-request run")
+        return out
+    origin = start_origin({1})
+    if origin is None:
+        print("nginx not installed: skipping the per-request run")
+        return out
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_POST)
+    peers = [p for p in (start_relay(origin.port, {0}), start_nginx(origin.port, {0})) if p]
+    samples: dict[str, list[tuple[float, float]]] = {p.name: [] for p in peers}
+    try:
+        for _ in range(rounds):
+            for peer in peers:
+                url = f"http://127.0.0.1:{peer.port}/v1/chat/completions"
+                command = ["taskset", "-c", "1", wrk, "-t1", "-c50", f"-d{seconds}s"]
+                command += ["-s", script.name, url]
+                cpu_before = peer.cpu()
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                cpu = peer.cpu() - cpu_before
+                match = re.search(r"(\d+) requests in", done.stdout)
+                errors = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+                if match is None or errors is not None:
+                    print(f"  wrk against {peer.name} failed: {done.stdout[-300:]}")
+                    continue
+                requests = int(match.group(1))
+                samples[peer.name].append((requests / seconds, cpu * 1e6 / requests))
+        for name, values in samples.items():
+            if not values:
+                continue
+            rps = statistics.median(v[0] for v in values)
+            us = statistics.median(v[1] for v in values)
+            out.setdefault("per request", {})[name] = {
+                "req_per_s": rps,
+                "cpu_us_per_request": us,
+                "rounds": len(values),
+            }
+            print(f"  per request {name:6} {rps:9.0f} req/s {us:7.1f} us/request", flush=True)
+    finally:
+        for peer in peers:
+            peer.stop()
+        origin.stop()
+        os.unlink(script.name)
+    return out
+
+
+def long_streams(rounds: int = 3) -> dict[str, dict[str, Any]]:
+    """100 streams of 500 tokens, 20 ms apart: CPU per token with per-request cost
+    amortized away. Proxy on CPU 0; streamer and client on CPU 1; median of rounds."""
+    out: dict[str, dict[str, Any]] = {}
+    if len(os.sched_getaffinity(0)) < 2:
+        return out
+    os.sched_setaffinity(0, {1})
+    streamer = start_streamer({1})
+    peers = [p for p in (start_relay(streamer.port, {0}), start_nginx(streamer.port, {0})) if p]
+    samples: dict[str, list[float]] = {p.name: [] for p in peers}
+    try:
+        for _ in range(rounds):
+            for peer in peers:
+                summary = run_loop(measure(peer, 100, 500, 20, 50, 1, peer))
+                if summary["cpu_us_per_token"] is not None:
+                    samples[peer.name].append(summary["cpu_us_per_token"])
+        for name, values in samples.items():
+            if values:
+                us = statistics.median(values)
+                out.setdefault("100 x 500 tokens", {})[name] = {"cpu_us_per_token": us}
+                print(f"  100 x 500 tokens {name:6} {us:6.2f} us/token", flush=True)
+    finally:
+        for peer in peers:
+            peer.stop()
         streamer.stop()
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return out
