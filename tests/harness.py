@@ -47,10 +47,12 @@ class ScriptUpstream:
     server: asyncio.Server | None = None
     port: int = 0
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The StreamReader buffer limit: how far ahead of the handler asyncio reads.
+    limit: int = 2**16
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> ScriptUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=self.limit)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
