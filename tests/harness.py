@@ -47,18 +47,20 @@ class ScriptUpstream:
     server: asyncio.Server | None = None
     port: int = 0
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The StreamReader buffer limit: how far ahead of the handler asyncio reads.
+    limit: int = 2**16
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self, *, rcvbuf: int | None = None) -> ScriptUpstream:
         """Listen on a free loopback port; ``rcvbuf`` shrinks each connection's
         receive buffer from the handshake on, so relay's writes back up early."""
         if rcvbuf is None:
-            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=self.limit)
         else:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.bind(("127.0.0.1", 0))
-            self.server = await asyncio.start_server(self._serve, sock=sock)
+            self.server = await asyncio.start_server(self._serve, sock=sock, limit=self.limit)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
