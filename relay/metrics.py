@@ -57,6 +57,7 @@ class Metrics:
 
     connections_accepted: int = 0
     connections_rejected: int = 0
+    tls_handshake_failures: int = 0
     # Responses by (upstream, status); "relay" when relay answered itself.
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     upstream_connects: int = 0
@@ -114,6 +115,8 @@ _COUNTERS = [
     ("relay_connections_accepted_total", "connections_accepted", "Client connections accepted."),
     ("relay_connections_rejected_total", "connections_rejected",
      "Client connections refused (limit or draining)."),
+    ("relay_tls_handshake_failures_total", "tls_handshake_failures",
+     "TLS handshakes that failed or timed out (plain HTTP on the TLS port included)."),
     ("relay_upstream_connects_total", "upstream_connects", "Upstream connections opened."),
     ("relay_upstream_connect_errors_total", "upstream_connect_errors",
      "Upstream connects that failed."),
@@ -139,6 +142,7 @@ _HISTOGRAMS = [
 _GAUGE_HELP = {
     "relay_active_exchanges": "Exchanges in flight.",
     "relay_client_connections": "Open client connections.",
+    "relay_tls_handshakes": "Accepted TLS connections whose handshake is not done yet.",
     "relay_upstream_pool_idle": "Idle pooled upstream connections.",
     "relay_upstream_pool_active": "Upstream connections carrying an exchange.",
     "relay_draining": "1 while relay drains before exit.",

@@ -24,7 +24,7 @@ from .auth import KeyRing, parse_key_file
 from .config import Config, ConfigError
 from .downstream import ClientConnection
 from .metrics import Metrics
-from .tls import TLSError, reload_server_context, server_context, upstream_context
+from .tls import TLSError, describe_handshake_failure, server_context, upstream_context
 from .upstream import Balancer, Router, UpstreamPool
 
 __all__ = ["RelayServer", "ServerState", "load_keys", "preflight", "run", "serve"]
@@ -33,6 +33,9 @@ log = logging.getLogger("relay.error")
 
 #: Listen backlog: bursts of new streams must queue in the kernel, not fail.
 BACKLOG = 2048
+#: TLS listener: connections taken per wakeup, and the pause after accept fails (EMFILE).
+ACCEPT_BATCH = 64
+ACCEPT_BACKOFF = 1.0
 
 
 def load_keys(config: Config) -> list[str]:
@@ -94,6 +97,9 @@ class ServerState:
             strict=config.strict_models,
         )
         self.connections: set[ClientConnection] = set()
+        # TLS connections accepted whose handshake is not done yet: they hold
+        # a socket too, so they count against --max-connections.
+        self.handshakes: set[asyncio.Task[None]] = set()
         self.draining = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -112,6 +118,7 @@ class ServerState:
 
         return {
             "relay_client_connections": [("", float(len(self.connections)))],
+            "relay_tls_handshakes": [("", float(len(self.handshakes)))],
             "relay_draining": [("", 1.0 if self.draining else 0.0)],
             "relay_upstream_pool_idle": per_pool(lambda p: p.idle_count),
             "relay_upstream_pool_active": per_pool(lambda p: p.active),
@@ -123,16 +130,38 @@ class ServerState:
         return any(conn.exchange is not None for conn in self.connections)
 
     def reload(self) -> None:
-        """SIGHUP: reload the certificate and the key file; keep serving on failure."""
+        """SIGHUP: reload the certificate and the key file; keep serving on failure.
+
+        Everything is loaded first and swapped in only if all of it loaded: a
+        rotation caught half-way (new certificate, old key) changes nothing.
+        New TLS handshakes get the new context; open connections keep theirs.
+        """
         config = self.config
         try:
-            if self.server_tls is not None and config.tls_cert:
-                reload_server_context(self.server_tls, config.tls_cert, config.tls_key)
-            self.keys.replace(load_keys(config))
+            tls = (
+                server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+                if self.server_tls is not None and config.tls_cert
+                else None
+            )
+            keys = load_keys(config)
         except (TLSError, ConfigError) as exc:
             log.error("reload failed, keeping the previous files: %s", exc)
             return
-        log.info("reloaded certificates and keys (%d API keys)", len(self.keys))
+        if tls is not None:
+            self.server_tls = tls
+        self.keys.replace(keys)
+        done = ["the TLS certificate"] if tls is not None else []
+        if config.api_key_file or keys:
+            done.append(f"{len(keys)} API key" + ("" if len(keys) == 1 else "s"))
+        log.info("reloaded %s", " and ".join(done) if done else "(nothing to reload)")
+
+    def over_limit(self) -> str | None:
+        """Why a new connection must be refused now, or None."""
+        if self.draining:
+            return "relay is shutting down"
+        if len(self.connections) + len(self.handshakes) >= self.config.max_connections:
+            return "too many connections"
+        return None
 
     def exchange_settled(self) -> None:
         """A connection finished an exchange or closed: maybe the drain is over."""
@@ -153,6 +182,118 @@ class ServerState:
         finally:
             self._drain_waiter = None
         return True
+
+
+class TLSListener:
+    """A TLS listening socket: relay accepts plain TCP and runs each handshake itself.
+
+    ``create_server(ssl=...)`` hides a connection until its handshake is
+    done, so slow or silent clients would hold sockets nobody counts. Here
+    every pending handshake is a task in ``state.handshakes``: it counts
+    against ``--max-connections`` (over the limit the socket is closed at
+    once, as there is no TLS yet to say 503 with), shows in
+    ``relay_tls_handshakes``, is bounded by ``--client-head-timeout``, and
+    gets the context current at accept time, so a SIGHUP reload reaches new
+    handshakes while open connections keep theirs. ``connect_accepted_socket``
+    calls the ClientConnection's ``connection_made`` once the handshake is
+    done, under asyncio and uvloop alike.
+    """
+
+    def __init__(self, state: ServerState, sock: socket.socket) -> None:
+        self.state = state
+        self.sock = sock
+        sock.setblocking(False)
+        self._task = asyncio.get_running_loop().create_task(self._accept_forever())
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [] if self.sock.fileno() < 0 else [self.sock]
+
+    async def close(self) -> None:
+        """Stop accepting and close the socket: new connections are refused at once."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sock.close()
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self.sock)
+            except OSError as exc:
+                # Out of descriptors or memory: back off like asyncio's own
+                # server does, instead of spinning on a ready socket.
+                log.error("accept failed on %s: %s", self.sock.getsockname(), exc)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            self._admit(conn, peer)
+            # Take the rest of the backlog without a trip through the loop.
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, peer = self.sock.accept()
+                except OSError:
+                    break
+                self._admit(conn, peer)
+
+    def _admit(self, conn: socket.socket, peer: Any) -> None:
+        state = self.state
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        reason = state.over_limit()
+        if reason is not None:
+            state.metrics.connections_accepted += 1
+            state.metrics.connections_rejected += 1
+            log.warning("rejecting connection from %s: %s", host, reason)
+            conn.close()
+            return
+        conn.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._handshake(conn, host))
+        state.handshakes.add(task)
+        task.add_done_callback(state.handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, host: str) -> None:
+        state = self.state
+        context = state.server_tls
+        assert context is not None
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: ClientConnection(state),
+                conn,
+                ssl=context,
+                ssl_handshake_timeout=state.config.client_head_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError and ConnectionError included
+            state.metrics.tls_handshake_failures += 1
+            worth_info, why = describe_handshake_failure(exc)
+            if worth_info or log.isEnabledFor(logging.DEBUG):
+                level = logging.INFO if worth_info else logging.DEBUG
+                log.log(level, "TLS handshake failed from %s: %s", host, why)
+            # The transport owns ``conn`` now and has closed it (uvloop
+            # detaches it first): closing it here could hit a reused fd.
+
+
+async def bind(host: str | None, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for ``host`` (None: every interface), as ``create_server`` binds them."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as asyncio does: [::] must not take IPv4 too.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 async def health_check(pool: UpstreamPool, path: str, interval: float) -> None:
@@ -190,9 +331,9 @@ async def health_check(pool: UpstreamPool, path: str, interval: float) -> None:
 class RelayServer:
     """A running relay: listening sockets plus shared state."""
 
-    def __init__(self, state: ServerState, servers: list[asyncio.Server]) -> None:
+    def __init__(self, state: ServerState, servers: Sequence[asyncio.Server | TLSListener]) -> None:
         self.state = state
-        self.servers = servers
+        self.servers = list(servers)
         self.admin_servers: list[asyncio.Server] = []
         self.health_tasks: list[asyncio.Task[None]] = []
 
@@ -211,17 +352,14 @@ class RelayServer:
         def factory() -> ClientConnection:
             return ClientConnection(state)
 
-        tls_timeout = config.client_head_timeout if state.server_tls else None
-        if sockets:
+        servers: list[asyncio.Server | TLSListener]
+        if state.server_tls is not None:
+            if not sockets:
+                sockets = await bind(config.listen.host, config.listen.port, reuse_port)
+            servers = [TLSListener(state, sock) for sock in sockets]
+        elif sockets:
             servers = [
-                await loop.create_server(
-                    factory,
-                    sock=sock,
-                    backlog=BACKLOG,
-                    ssl=state.server_tls,
-                    ssl_handshake_timeout=tls_timeout,
-                )
-                for sock in sockets
+                await loop.create_server(factory, sock=sock, backlog=BACKLOG) for sock in sockets
             ]
         else:
             servers = [
@@ -232,8 +370,6 @@ class RelayServer:
                     backlog=BACKLOG,
                     reuse_address=True,
                     reuse_port=reuse_port or None,
-                    ssl=state.server_tls,
-                    ssl_handshake_timeout=tls_timeout,
                 )
             ]
         relay = cls(state, servers)
@@ -294,7 +430,12 @@ class RelayServer:
         state = self.state
         state.draining = True
         for server in self.servers:
-            server.close()
+            if isinstance(server, TLSListener):
+                await server.close()
+            else:
+                server.close()
+        for task in list(state.handshakes):
+            task.cancel()  # no request yet: nothing to drain
         if drain_timeout > 0 and not await state.wait_drained(drain_timeout):
             busy = sum(1 for conn in state.connections if conn.exchange is not None)
             log.warning("drain timeout: cutting %d streams still in flight", busy)
@@ -305,7 +446,9 @@ class RelayServer:
         state.router.close()
         for server in self.admin_servers:
             server.close()
-        for server in self.servers + self.admin_servers:
+        for server in self.admin_servers + [
+            s for s in self.servers if not isinstance(s, TLSListener)
+        ]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
