@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import systemd
-from .admin import AdminConnection
+from .admin import AdminConnection, StateSource
 from .auth import KeyRing, parse_key_file
 from .config import Config, ConfigError
 from .downstream import ClientConnection
@@ -381,12 +381,10 @@ class RelayServer:
                 relay.health_tasks.append(task)
         if config.admin_listen is not None:
             admin = await loop.create_server(
-                lambda: AdminConnection(state),
+                lambda: AdminConnection(StateSource(state)),
                 host=config.admin_listen.host,
                 port=config.admin_listen.port,
                 reuse_address=True,
-                # Workers share the admin port too; each answers for itself.
-                reuse_port=config.workers > 1 or None,
             )
             relay.admin_servers.append(admin)
         return relay
@@ -459,9 +457,18 @@ def _describe_loop() -> str:
 
 
 async def serve(
-    config: Config, *, sockets: Sequence[socket.socket] = (), reuse_port: bool = False
+    config: Config,
+    *,
+    sockets: Sequence[socket.socket] = (),
+    reuse_port: bool = False,
+    control: socket.socket | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once."""
+    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once.
+
+    ``control`` makes this process a worker of ``--workers N``: it reports
+    to its parent over that socket (ready, metrics, pings) instead of to the
+    service manager, and drains when the parent says so or goes away.
+    """
     activated = list(sockets) or systemd.listen_sockets()
     try:
         server = await RelayServer.start(config, sockets=activated, reuse_port=reuse_port)
@@ -484,13 +491,16 @@ async def serve(
     stop = loop.create_future()
     signals = 0
 
+    def drain(why: str) -> None:
+        if not stop.done():
+            log.info("%s: draining (up to %g s)", why, config.drain_timeout)
+            stop.set_result(None)
+
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("%s: draining (up to %g s)", signal.Signals(signum).name, config.drain_timeout)
-            if not stop.done():
-                stop.set_result(None)
+            drain(signal.Signals(signum).name)
         else:
             log.warning("second signal: exiting now")
             os._exit(0)
@@ -498,18 +508,27 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, server.state.reload)
-    interval = systemd.watchdog_interval()
     watchdog: list[asyncio.TimerHandle] = []
-    if interval:
-        watchdog.append(loop.call_later(interval, _watchdog, loop, interval, watchdog))
-    systemd.notify(f"READY=1\nSTATUS=listening on {listening}")
+    channel: asyncio.Task[None] | None = None
+    if control is not None:
+        from .workers import worker_channel
+
+        channel = loop.create_task(worker_channel(control, server.state, drain))
+    else:
+        interval = systemd.watchdog_interval()
+        if interval:
+            watchdog.append(loop.call_later(interval, _watchdog, loop, interval, watchdog))
+        systemd.notify(f"READY=1\nSTATUS=listening on {listening}")
     try:
         await stop
-        systemd.notify("STOPPING=1")
+        if control is None:
+            systemd.notify("STOPPING=1")
         await server.close(config.drain_timeout)
     finally:
         for handle in watchdog:
             handle.cancel()
+        if channel is not None:
+            channel.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
