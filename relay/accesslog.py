@@ -22,6 +22,10 @@ access = logging.getLogger("relay.access")
 class JsonFormatter(logging.Formatter):
     """One JSON object per record; access records carry their fields."""
 
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self.pid = pid
+
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -29,6 +33,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if self.pid:
+            document["pid"] = record.process
         fields = getattr(record, "fields", None)
         if fields:
             document.update(fields)
@@ -39,13 +45,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False)
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
-    """Send relay's loggers to stderr at ``level``, as ``text`` or ``json``."""
+def setup_logging(level: str, fmt: str = "text", *, pid: bool = False) -> None:
+    """Send relay's loggers to stderr at ``level``, as ``text`` or ``json``.
+
+    ``pid`` (``--workers`` above 1) puts the process id on every line, so the
+    lines of each worker and of their parent can be told apart.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(pid=pid))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        name = "%(name)s[%(process)d]" if pid else "%(name)s"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

@@ -362,14 +362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(serve(config), config.loop)
         except KeyboardInterrupt:
             return 130
-    return _serve_workers(config)
+    return _serve_workers(config, args_list)
 
 
-def _serve_workers(config: Config) -> int:
-    from .server import run, serve
+def _serve_workers(config: Config, argv: Sequence[str]) -> int:
+    """The parent of ``--workers N`` (binds, then supervises), or one of its workers."""
     from .systemd import listen_sockets
-    from .workers import run_workers
+    from .workers import run_worker, run_workers, worker_spec
 
+    setup_logging(config.log_level, config.log_format, pid=True)
+    spec = worker_spec()
+    if spec is not None:
+        return run_worker(config, spec)
     sockets = listen_sockets()
     if not sockets:
         host = config.listen.host
@@ -383,11 +387,10 @@ def _serve_workers(config: Config) -> int:
             sys.stderr.write(f"relay: error: argument --listen: {exc.strerror or exc}\n")
             return 1
         sockets = [sock]
-
-    def serve_one() -> int:
-        return run(serve(config, sockets=sockets), config.loop)
-
-    return run_workers(config.workers, sockets, serve_one)
+    try:
+        return run_workers(config, argv, sockets)
+    except KeyboardInterrupt:
+        return 130
 
 
 class EnvOrigin(NamedTuple):

@@ -11,9 +11,13 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-__all__ = ["Histogram", "Metrics"]
+__all__ = ["Gauges", "Histogram", "Metrics", "merge_gauges"]
+
+#: Point-in-time values: name -> [(labels, value)].
+Gauges = dict[str, list[tuple[str, float]]]
 
 # Seconds. Time to head and TTFT span queueing (minutes); gaps are tokens (ms).
 SLOW_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -57,6 +61,7 @@ class Metrics:
 
     connections_accepted: int = 0
     connections_rejected: int = 0
+    tls_handshake_failures: int = 0
     # Responses by (upstream, status); "relay" when relay answered itself.
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     upstream_connects: int = 0
@@ -73,9 +78,51 @@ class Metrics:
     time_to_first_byte: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     upstream_read_gap: Histogram = field(default_factory=lambda: Histogram(GAP_BUCKETS))
 
-    def render(
-        self, *, gauges: Callable[[], dict[str, list[tuple[str, float]]]] | None = None
-    ) -> str:
+    def snapshot(self) -> dict[str, Any]:
+        """Every value as JSON-able data (what a worker sends its parent)."""
+        out: dict[str, Any] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Histogram):
+                out[spec.name] = {"counts": value.counts, "total": value.total}
+            elif isinstance(value, Counter):
+                out[spec.name] = [[up, status, n] for (up, status), n in value.items()]
+            else:
+                out[spec.name] = value
+        return out
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> Metrics:
+        """The inverse of :meth:`snapshot`; unknown names are ignored."""
+        metrics = cls()
+        for spec in fields(metrics):
+            if spec.name not in data:
+                continue
+            value, current = data[spec.name], getattr(metrics, spec.name)
+            if isinstance(current, Histogram):
+                if len(value["counts"]) == len(current.counts):
+                    current.counts = [int(n) for n in value["counts"]]
+                    current.total = float(value["total"])
+            elif isinstance(current, Counter):
+                for up, status, n in value:
+                    current[(str(up), int(status))] += int(n)
+            else:
+                setattr(metrics, spec.name, int(value))
+        return metrics
+
+    def add(self, other: Metrics) -> None:
+        """Add ``other``'s counts to these (the whole relay over its workers)."""
+        for spec in fields(self):
+            mine, theirs = getattr(self, spec.name), getattr(other, spec.name)
+            if isinstance(mine, Histogram):
+                mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts, strict=True)]
+                mine.total += theirs.total
+            elif isinstance(mine, Counter):
+                mine.update(theirs)
+            else:
+                setattr(self, spec.name, mine + theirs)
+
+    def render(self, *, gauges: Callable[[], Gauges] | None = None) -> str:
         """The Prometheus text exposition (format 0.0.4)."""
         out: list[str] = []
 
@@ -110,10 +157,36 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+def merge_gauges(parts: Sequence[Gauges]) -> Gauges:
+    """One relay's gauges from its workers': summed, but flags take any/every worker."""
+    merged: dict[str, dict[str, float]] = {}
+    for part in parts:
+        for name, samples in part.items():
+            combine = _GAUGE_COMBINE.get(name, _sum)
+            series = merged.setdefault(name, {})
+            for labels, value in samples:
+                old = series.get(labels)
+                series[labels] = float(value) if old is None else combine(old, float(value))
+    return {name: list(series.items()) for name, series in merged.items()}
+
+
+def _sum(a: float, b: float) -> float:
+    return a + b
+
+
+# Draining if any worker drains; an upstream is available only if every worker
+# may use it (one that ejected it is a problem worth an alert).
+_GAUGE_COMBINE: dict[str, Callable[[float, float], float]] = {
+    "relay_draining": max,
+    "relay_upstream_available": min,
+}
+
 _COUNTERS = [
     ("relay_connections_accepted_total", "connections_accepted", "Client connections accepted."),
     ("relay_connections_rejected_total", "connections_rejected",
      "Client connections refused (limit or draining)."),
+    ("relay_tls_handshake_failures_total", "tls_handshake_failures",
+     "TLS handshakes that failed or timed out (plain HTTP on the TLS port included)."),
     ("relay_upstream_connects_total", "upstream_connects", "Upstream connections opened."),
     ("relay_upstream_connect_errors_total", "upstream_connect_errors",
      "Upstream connects that failed."),
@@ -139,9 +212,11 @@ _HISTOGRAMS = [
 _GAUGE_HELP = {
     "relay_active_exchanges": "Exchanges in flight.",
     "relay_client_connections": "Open client connections.",
+    "relay_tls_handshakes": "Accepted TLS connections whose handshake is not done yet.",
     "relay_upstream_pool_idle": "Idle pooled upstream connections.",
     "relay_upstream_pool_active": "Upstream connections carrying an exchange.",
     "relay_draining": "1 while relay drains before exit.",
+    "relay_workers": "Worker processes up and serving (--workers).",
     "relay_upstream_outstanding": "Requests assigned to the upstream and not finished.",
     "relay_upstream_available": "1 unless ejected after failures or failing its health check.",
 }

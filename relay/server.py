@@ -19,12 +19,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import systemd
-from .admin import AdminConnection
+from .admin import AdminConnection, StateSource
 from .auth import KeyRing, parse_key_file
 from .config import Config, ConfigError, ListenAddress
 from .downstream import ClientConnection
 from .metrics import Metrics
-from .tls import TLSError, reload_server_context, server_context, upstream_context
+from .tls import TLSError, describe_handshake_failure, server_context, upstream_context
 from .upstream import Balancer, Router, UpstreamPool
 
 __all__ = ["RelayServer", "ServerState", "load_keys", "preflight", "run", "serve"]
@@ -33,6 +33,9 @@ log = logging.getLogger("relay.error")
 
 #: Listen backlog: bursts of new streams must queue in the kernel, not fail.
 BACKLOG = 2048
+#: TLS listener: connections taken per wakeup, and the pause after accept fails (EMFILE).
+ACCEPT_BATCH = 64
+ACCEPT_BACKOFF = 1.0
 
 
 def load_keys(config: Config) -> list[str]:
@@ -121,6 +124,9 @@ class ServerState:
             strict=config.strict_models,
         )
         self.connections: set[ClientConnection] = set()
+        # TLS connections accepted whose handshake is not done yet: they hold
+        # a socket too, so they count against --max-connections.
+        self.handshakes: set[asyncio.Task[None]] = set()
         self.draining = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -139,6 +145,7 @@ class ServerState:
 
         return {
             "relay_client_connections": [("", float(len(self.connections)))],
+            "relay_tls_handshakes": [("", float(len(self.handshakes)))],
             "relay_draining": [("", 1.0 if self.draining else 0.0)],
             "relay_upstream_pool_idle": per_pool(lambda p: p.idle_count),
             "relay_upstream_pool_active": per_pool(lambda p: p.active),
@@ -150,16 +157,38 @@ class ServerState:
         return any(conn.exchange is not None for conn in self.connections)
 
     def reload(self) -> None:
-        """SIGHUP: reload the certificate and the key file; keep serving on failure."""
+        """SIGHUP: reload the certificate and the key file; keep serving on failure.
+
+        Everything is loaded first and swapped in only if all of it loaded: a
+        rotation caught half-way (new certificate, old key) changes nothing.
+        New TLS handshakes get the new context; open connections keep theirs.
+        """
         config = self.config
         try:
-            if self.server_tls is not None and config.tls_cert:
-                reload_server_context(self.server_tls, config.tls_cert, config.tls_key)
-            self.keys.replace(load_keys(config))
+            tls = (
+                server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+                if self.server_tls is not None and config.tls_cert
+                else None
+            )
+            keys = load_keys(config)
         except (TLSError, ConfigError) as exc:
             log.error("reload failed, keeping the previous files: %s", exc)
             return
-        log.info("reloaded certificates and keys (%d API keys)", len(self.keys))
+        if tls is not None:
+            self.server_tls = tls
+        self.keys.replace(keys)
+        done = ["the TLS certificate"] if tls is not None else []
+        if config.api_key_file or keys:
+            done.append(f"{len(keys)} API key" + ("" if len(keys) == 1 else "s"))
+        log.info("reloaded %s", " and ".join(done) if done else "(nothing to reload)")
+
+    def over_limit(self) -> str | None:
+        """Why a new connection must be refused now, or None."""
+        if self.draining:
+            return "relay is shutting down"
+        if len(self.connections) + len(self.handshakes) >= self.config.max_connections:
+            return "too many connections"
+        return None
 
     def exchange_settled(self) -> None:
         """A connection finished an exchange or closed: maybe the drain is over."""
@@ -180,6 +209,118 @@ class ServerState:
         finally:
             self._drain_waiter = None
         return True
+
+
+class TLSListener:
+    """A TLS listening socket: relay accepts plain TCP and runs each handshake itself.
+
+    ``create_server(ssl=...)`` hides a connection until its handshake is
+    done, so slow or silent clients would hold sockets nobody counts. Here
+    every pending handshake is a task in ``state.handshakes``: it counts
+    against ``--max-connections`` (over the limit the socket is closed at
+    once, as there is no TLS yet to say 503 with), shows in
+    ``relay_tls_handshakes``, is bounded by ``--client-head-timeout``, and
+    gets the context current at accept time, so a SIGHUP reload reaches new
+    handshakes while open connections keep theirs. ``connect_accepted_socket``
+    calls the ClientConnection's ``connection_made`` once the handshake is
+    done, under asyncio and uvloop alike.
+    """
+
+    def __init__(self, state: ServerState, sock: socket.socket) -> None:
+        self.state = state
+        self.sock = sock
+        sock.setblocking(False)
+        self._task = asyncio.get_running_loop().create_task(self._accept_forever())
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [] if self.sock.fileno() < 0 else [self.sock]
+
+    async def close(self) -> None:
+        """Stop accepting and close the socket: new connections are refused at once."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sock.close()
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self.sock)
+            except OSError as exc:
+                # Out of descriptors or memory: back off like asyncio's own
+                # server does, instead of spinning on a ready socket.
+                log.error("accept failed on %s: %s", self.sock.getsockname(), exc)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            self._admit(conn, peer)
+            # Take the rest of the backlog without a trip through the loop.
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, peer = self.sock.accept()
+                except OSError:
+                    break
+                self._admit(conn, peer)
+
+    def _admit(self, conn: socket.socket, peer: Any) -> None:
+        state = self.state
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        reason = state.over_limit()
+        if reason is not None:
+            state.metrics.connections_accepted += 1
+            state.metrics.connections_rejected += 1
+            log.warning("rejecting connection from %s: %s", host, reason)
+            conn.close()
+            return
+        conn.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._handshake(conn, host))
+        state.handshakes.add(task)
+        task.add_done_callback(state.handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, host: str) -> None:
+        state = self.state
+        context = state.server_tls
+        assert context is not None
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: ClientConnection(state),
+                conn,
+                ssl=context,
+                ssl_handshake_timeout=state.config.client_head_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError and ConnectionError included
+            state.metrics.tls_handshake_failures += 1
+            worth_info, why = describe_handshake_failure(exc)
+            if worth_info or log.isEnabledFor(logging.DEBUG):
+                level = logging.INFO if worth_info else logging.DEBUG
+                log.log(level, "TLS handshake failed from %s: %s", host, why)
+            # The transport owns ``conn`` now and has closed it (uvloop
+            # detaches it first): closing it here could hit a reused fd.
+
+
+async def bind(host: str | None, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for ``host`` (None: every interface), as ``create_server`` binds them."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as asyncio does: [::] must not take IPv4 too.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 async def health_check(pool: UpstreamPool, path: str, interval: float) -> None:
@@ -217,9 +358,9 @@ async def health_check(pool: UpstreamPool, path: str, interval: float) -> None:
 class RelayServer:
     """A running relay: listening sockets plus shared state."""
 
-    def __init__(self, state: ServerState, servers: list[asyncio.Server]) -> None:
+    def __init__(self, state: ServerState, servers: Sequence[asyncio.Server | TLSListener]) -> None:
         self.state = state
-        self.servers = servers
+        self.servers = list(servers)
         self.admin_servers: list[asyncio.Server] = []
         self.health_tasks: list[asyncio.Task[None]] = []
 
@@ -238,17 +379,14 @@ class RelayServer:
         def factory() -> ClientConnection:
             return ClientConnection(state)
 
-        tls_timeout = config.client_head_timeout if state.server_tls else None
-        if sockets:
+        servers: list[asyncio.Server | TLSListener]
+        if state.server_tls is not None:
+            if not sockets:
+                sockets = await bind(config.listen.host, config.listen.port, reuse_port)
+            servers = [TLSListener(state, sock) for sock in sockets]
+        elif sockets:
             servers = [
-                await loop.create_server(
-                    factory,
-                    sock=sock,
-                    backlog=BACKLOG,
-                    ssl=state.server_tls,
-                    ssl_handshake_timeout=tls_timeout,
-                )
-                for sock in sockets
+                await loop.create_server(factory, sock=sock, backlog=BACKLOG) for sock in sockets
             ]
         else:
             servers = [
@@ -259,8 +397,6 @@ class RelayServer:
                     backlog=BACKLOG,
                     reuse_address=True,
                     reuse_port=reuse_port or None,
-                    ssl=state.server_tls,
-                    ssl_handshake_timeout=tls_timeout,
                 )
             ]
         relay = cls(state, servers)
@@ -272,12 +408,10 @@ class RelayServer:
                 relay.health_tasks.append(task)
         if config.admin_listen is not None:
             admin = await loop.create_server(
-                lambda: AdminConnection(state),
+                lambda: AdminConnection(StateSource(state)),
                 host=config.admin_listen.host,
                 port=config.admin_listen.port,
                 reuse_address=True,
-                # Workers share the admin port too; each answers for itself.
-                reuse_port=config.workers > 1 or None,
             )
             relay.admin_servers.append(admin)
         return relay
@@ -321,7 +455,12 @@ class RelayServer:
         state = self.state
         state.draining = True
         for server in self.servers:
-            server.close()
+            if isinstance(server, TLSListener):
+                await server.close()
+            else:
+                server.close()
+        for task in list(state.handshakes):
+            task.cancel()  # no request yet: nothing to drain
         if drain_timeout > 0 and not await state.wait_drained(drain_timeout):
             busy = sum(1 for conn in state.connections if conn.exchange is not None)
             log.warning("drain timeout: cutting %d streams still in flight", busy)
@@ -332,7 +471,9 @@ class RelayServer:
         state.router.close()
         for server in self.admin_servers:
             server.close()
-        for server in self.servers + self.admin_servers:
+        for server in self.admin_servers + [
+            s for s in self.servers if not isinstance(s, TLSListener)
+        ]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
@@ -343,9 +484,18 @@ def _describe_loop() -> str:
 
 
 async def serve(
-    config: Config, *, sockets: Sequence[socket.socket] = (), reuse_port: bool = False
+    config: Config,
+    *,
+    sockets: Sequence[socket.socket] = (),
+    reuse_port: bool = False,
+    control: socket.socket | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once."""
+    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once.
+
+    ``control`` makes this process a worker of ``--workers N``: it reports
+    to its parent over that socket (ready, metrics, pings) instead of to the
+    service manager, and drains when the parent says so or goes away.
+    """
     activated = list(sockets) or systemd.listen_sockets()
     try:
         server = await RelayServer.start(config, sockets=activated, reuse_port=reuse_port)
@@ -368,13 +518,16 @@ async def serve(
     stop = loop.create_future()
     signals = 0
 
+    def drain(why: str) -> None:
+        if not stop.done():
+            log.info("%s: draining (up to %g s)", why, config.drain_timeout)
+            stop.set_result(None)
+
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("%s: draining (up to %g s)", signal.Signals(signum).name, config.drain_timeout)
-            if not stop.done():
-                stop.set_result(None)
+            drain(signal.Signals(signum).name)
         else:
             log.warning("second signal: exiting now")
             os._exit(0)
@@ -382,18 +535,27 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, server.state.reload)
-    interval = systemd.watchdog_interval()
     watchdog: list[asyncio.TimerHandle] = []
-    if interval:
-        watchdog.append(loop.call_later(interval, _watchdog, loop, interval, watchdog))
-    systemd.notify(f"READY=1\nSTATUS=listening on {listening}")
+    channel: asyncio.Task[None] | None = None
+    if control is not None:
+        from .workers import worker_channel
+
+        channel = loop.create_task(worker_channel(control, server.state, drain))
+    else:
+        interval = systemd.watchdog_interval()
+        if interval:
+            watchdog.append(loop.call_later(interval, _watchdog, loop, interval, watchdog))
+        systemd.notify(f"READY=1\nSTATUS=listening on {listening}")
     try:
         await stop
-        systemd.notify("STOPPING=1")
+        if control is None:
+            systemd.notify("STOPPING=1")
         await server.close(config.drain_timeout)
     finally:
         for handle in watchdog:
             handle.cancel()
+        if channel is not None:
+            channel.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0

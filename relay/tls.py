@@ -1,9 +1,10 @@
 """SSL contexts for both sides, built from the standard ``ssl`` module.
 
 Listening: TLS 1.2 or later, ALPN ``http/1.1``, optional client certificates
-(mTLS). The same context object is reloaded in place on SIGHUP: OpenSSL gives
-every *new* handshake the context's current certificate, so connections
-already open keep theirs and nothing is dropped.
+(mTLS). A SIGHUP reload builds a *new* context and the listener hands it to
+new handshakes only once it loaded completely: loading into the live context
+would leave it half-updated (a new certificate with the old key) when the
+files are caught mid-rotation. Connections already open keep their context.
 
 Upstream: verified against the system store or a given CA, with SNI and
 hostname checking; an optional client certificate. Turning verification off
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import ssl
 
-__all__ = ["TLSError", "reload_server_context", "server_context", "upstream_context"]
+__all__ = ["TLSError", "describe_handshake_failure", "server_context", "upstream_context"]
 
 
 class TLSError(ValueError):
@@ -74,7 +75,11 @@ def _load_chain(context: ssl.SSLContext, cert: str, key: str | None, flag: str) 
 
 
 def server_context(cert: str, key: str | None, client_ca: str | None = None) -> ssl.SSLContext:
-    """The listening side's context; ``client_ca`` requires and verifies client certs."""
+    """A new listening-side context; ``client_ca`` requires and verifies client certs.
+
+    Raises :class:`TLSError` and leaves nothing half-loaded: call it again to
+    reload, and swap the result in only when it returns.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
@@ -89,9 +94,22 @@ def server_context(cert: str, key: str | None, client_ca: str | None = None) -> 
     return context
 
 
-def reload_server_context(context: ssl.SSLContext, cert: str, key: str | None) -> None:
-    """Load new certificate files into ``context``; new handshakes use them."""
-    _load_chain(context, cert, key, "--tls-cert")
+def describe_handshake_failure(exc: BaseException) -> tuple[bool, str]:
+    """Why a client's TLS handshake failed: ``(worth_info, text)`` for the log line.
+
+    A plain HTTP request on the TLS port and certificate or protocol
+    mismatches are client misconfigurations an operator wants to see; resets
+    and clients that never finish (scanners, slow lorises) are noise for debug.
+    """
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "HTTP_REQUEST":
+            return True, "http request on https port"
+        return True, (exc.reason or str(exc)).replace("_", " ").lower()
+    if isinstance(exc, ConnectionAbortedError | TimeoutError):
+        return False, "no handshake in time"
+    if isinstance(exc, ConnectionError):
+        return False, "connection closed"
+    return False, _describe(exc) if isinstance(exc, Exception) else type(exc).__name__
 
 
 def upstream_context(

@@ -1,77 +1,448 @@
-"""``--workers N``: N processes accepting on one inherited listening socket.
+"""``--workers N``: a parent process and N workers accepting on one listening socket.
 
-The parent binds the socket (or takes the one systemd passed), forks the
-workers, forwards SIGTERM/SIGINT/SIGHUP to them, restarts a worker that dies
-while the service is up, and exits when they have all stopped. It runs no
-event loop; it only waits for children.
+The parent binds the listening sockets (or takes the ones systemd passed) and
+starts each worker as a fresh ``python -m relay`` process that inherits them
+plus one end of a private socketpair, its *channel*. Workers are exec'd, not
+bare forks: the parent runs an event loop, and a forked child would inherit
+that loop, its signal wakeup fd and the other workers' channels.
+
+The parent is the process the service manager sees (``NotifyAccess=main``):
+
+- READY=1 once every worker said it listens; WATCHDOG=1 only while every
+  ready worker answers a ping on its channel (a stuck worker loop stops the
+  pings, as a stuck loop does with one process); STOPPING=1 when it drains.
+- It owns the admin listener. ``/metrics`` asks every worker for its numbers
+  and adds them up, so each scrape shows the whole relay; a worker's last
+  numbers are kept when it exits, so counters never go down (what it counted
+  after the last scrape is lost). ``/ready`` is 503 "draining" during a drain,
+  otherwise ready when some worker is.
+- SIGTERM/SIGINT: it closes its copy of the listening sockets (with the
+  workers closing theirs, new connections are refused at once, as with one
+  process) and tells each worker to drain over its channel, not with a
+  signal: under systemd or a terminal the workers may get the signal itself
+  too, and a second signal means "exit now". A second signal makes the
+  workers exit at once. SIGHUP is passed on as "reload".
+- A worker that dies while the service is up is restarted.
+
+A worker leaves with its parent: ``PR_SET_PDEATHSIG`` sends it SIGTERM
+(Linux), and on any platform its channel reaching end of file drains it.
+
+The channel carries one JSON object per line. Worker to parent:
+``{"event": "ready"}`` and answers ``{"id": N, "result": {...}}``. Parent to
+worker: ``{"id": N, "op": "metrics" | "ready" | "ping"}`` (answered) and
+``{"op": "reload" | "drain" | "exit"}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import dataclasses
+import itertools
+import json
 import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["run_workers"]
+from . import systemd
+from .admin import AdminConnection, check_ready
+from .config import Config
+from .metrics import Gauges, Metrics, merge_gauges
+
+if TYPE_CHECKING:
+    from .server import ServerState
+
+__all__ = ["WorkerSpec", "run_worker", "run_workers", "worker_channel", "worker_spec"]
 
 log = logging.getLogger("relay.error")
 
 #: A worker that dies right after it started is restarted no faster than this.
 RESTART_BACKOFF = 1.0
+#: Longest channel message (a metrics snapshot grows with upstreams and statuses).
+CHANNEL_LIMIT = 4 * 1024 * 1024
+#: How long a scrape waits for a worker before using its last numbers.
+SCRAPE_TIMEOUT = 2.0
+#: After the drain deadline (or a second signal), workers get this long before SIGKILL.
+KILL_GRACE = 5.0
+#: Set in a worker's environment: "PARENT_PID:CHANNEL_FD:LISTEN_FD,LISTEN_FD...".
+WORKER_ENV = "_RELAY_WORKER"
+#: Variables for the parent only: workers must not talk to the service manager.
+PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS")
+
+PR_SET_PDEATHSIG = 1
 
 
-def run_workers(count: int, sockets: list[socket.socket], serve: Callable[[], int]) -> int:
-    """Fork ``count`` workers that run ``serve()`` on ``sockets``; supervise them."""
-    children: dict[int, float] = {}
-    stopping = False
+# -- the worker's side ---------------------------------------------------------
 
-    def spawn() -> None:
-        pid = os.fork()
-        if pid == 0:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            code = 1
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker inherits from its parent."""
+
+    parent: int
+    channel: int
+    listen: tuple[int, ...]
+
+
+def worker_spec() -> WorkerSpec | None:
+    """This process's :class:`WorkerSpec` if it is a worker (read once, then removed)."""
+    text = os.environ.pop(WORKER_ENV, None)
+    if not text:
+        return None
+    parent, channel, listen = text.split(":")
+    return WorkerSpec(int(parent), int(channel), tuple(int(fd) for fd in listen.split(",")))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the parent dies; elsewhere the channel's EOF does it."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def run_worker(config: Config, spec: WorkerSpec) -> int:
+    """Serve as one worker until told to stop; the parent owns the admin listener."""
+    _die_with_parent()
+    if os.getppid() != spec.parent:
+        return 1  # the parent died before PDEATHSIG was armed
+    from .server import run, serve
+
+    channel = socket.socket(fileno=spec.channel)
+    sockets = [socket.socket(fileno=fd) for fd in spec.listen]
+    own = dataclasses.replace(config, admin_listen=None)
+    return run(serve(own, sockets=sockets, control=channel), config.loop)
+
+
+async def worker_channel(
+    sock: socket.socket, state: ServerState, drain: Callable[[str], None]
+) -> None:
+    """Report ready, answer the parent, and drain when it says so or is gone."""
+    reader, writer = await asyncio.open_connection(sock=sock, limit=CHANNEL_LIMIT)
+    _send(writer, {"event": "ready"})
+    try:
+        while line := await reader.readline():
+            message = json.loads(line)
+            op = message.get("op")
+            result: dict[str, Any]
+            if op == "metrics":
+                result = {"metrics": state.metrics.snapshot(), "gauges": state.gauges()}
+            elif op == "ready":
+                ready, reason = await check_ready(state)
+                result = {"ready": ready, "reason": reason}
+            elif op == "ping":
+                result = {}
+            elif op == "reload":
+                state.reload()
+                continue
+            elif op == "drain":
+                drain(f"{message.get('why', 'parent')} (from the parent)")
+                continue
+            elif op == "exit":
+                log.warning("told to exit now")
+                os._exit(0)
+            else:
+                continue
+            _send(writer, {"id": message.get("id"), "result": result})
+    except (OSError, ValueError):
+        pass  # a broken channel is a gone parent
+    finally:
+        writer.close()
+    drain("parent process gone")
+
+
+def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+    if not writer.is_closing():
+        writer.write(json.dumps(message).encode() + b"\n")
+
+
+# -- the parent's side ----------------------------------------------------------
+
+
+class _Worker:
+    """The parent's view of one worker process and its channel."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.started = time.monotonic()
+        self.writer: asyncio.StreamWriter | None = None
+        self.ready = False
+        self.open = True  # until its channel reaches EOF
+        self.snapshot: dict[str, Any] | None = None  # its last /metrics answer
+        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+
+class Supervisor:
+    """The parent: starts and restarts workers, speaks for them to systemd and scrapers."""
+
+    def __init__(self, config: Config, argv: Sequence[str], sockets: list[socket.socket]) -> None:
+        self.config = config
+        self.argv = list(argv)
+        self.sockets = sockets
+        self.processes: list[_Worker] = []  # not reaped yet
+        self.channels: list[_Worker] = []  # channel still open: their numbers are live
+        self.retired = Metrics()  # what exited workers had counted
+        self.stopping = False
+        self.announced = False
+        self.signals = 0
+        self.worst = 0
+        self._ids = itertools.count()
+        self._timers: list[asyncio.TimerHandle] = []
+        self._done: asyncio.Event | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        admin: asyncio.Server | None = None
+        if self.config.admin_listen is not None:
+            address = self.config.admin_listen
             try:
-                code = serve()
-            finally:
-                os._exit(code)
-        children[pid] = time.monotonic()
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    for _ in range(count):
-        spawn()
-    log.info("started %d workers: %s", count, ", ".join(map(str, children)))
-    worst = 0
-    while children:
+                admin = await loop.create_server(
+                    lambda: AdminConnection(self),
+                    host=address.host,
+                    port=address.port,
+                    reuse_address=True,
+                )
+            except OSError as exc:
+                log.error("cannot listen on %s (--admin-listen): %s", address, exc.strerror)
+                return 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._broadcast, {"op": "reload"})
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        watchdog: asyncio.Task[None] | None = None
+        interval = systemd.watchdog_interval()
+        if interval:
+            watchdog = loop.create_task(self._watchdog(interval))
         try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        started = children.pop(pid, None)
-        if started is None:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            worst = max(worst, code if code > 0 else 0)
-            continue
-        log.error("worker %d exited (%d); restarting it", pid, code)
-        if time.monotonic() - started < RESTART_BACKOFF:
-            time.sleep(RESTART_BACKOFF)
-        if not stopping:
-            spawn()
-    for sock in sockets:
-        sock.close()
-    return worst
+            for _ in range(self.config.workers):
+                self._spawn()
+            log.info(
+                "started %d workers: %s",
+                self.config.workers,
+                ", ".join(str(w.pid) for w in self.processes),
+            )
+            await self._done.wait()
+        finally:
+            for handle in self._timers:
+                handle.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
+            for worker in self.channels:
+                if worker.task is not None:
+                    worker.task.cancel()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                loop.remove_signal_handler(signum)
+            if admin is not None:
+                admin.close()
+            for sock in self.sockets:
+                sock.close()
+        return self.worst
+
+    # -- workers ---------------------------------------------------------------
+    def _spawn(self) -> None:
+        if self.stopping:
+            return
+        mine, theirs = socket.socketpair()
+        listen = [sock.fileno() for sock in self.sockets]
+        env = {k: v for k, v in os.environ.items() if k not in PARENT_ONLY_ENV}
+        env[WORKER_ENV] = f"{os.getpid()}:{theirs.fileno()}:{','.join(map(str, listen))}"
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", *self.argv],
+                env=env,
+                pass_fds=[theirs.fileno(), *listen],
+            )
+        except OSError as exc:
+            mine.close()
+            log.error("cannot start a worker: %s; retrying", exc)
+            self._timers.append(asyncio.get_running_loop().call_later(RESTART_BACKOFF, self._spawn))
+            return
+        finally:
+            theirs.close()
+        worker = _Worker(process)
+        self.processes.append(worker)
+        self.channels.append(worker)
+        worker.task = asyncio.get_running_loop().create_task(self._listen(worker, mine))
+
+    async def _listen(self, worker: _Worker, sock: socket.socket) -> None:
+        """Read the worker's channel until EOF; then its last numbers become retired."""
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=CHANNEL_LIMIT)
+            worker.writer = writer
+            if self.stopping:
+                _send(writer, {"op": "drain", "why": "stopping"})
+            while line := await reader.readline():
+                message = json.loads(line)
+                if message.get("event") == "ready":
+                    worker.ready = True
+                    self._maybe_announce()
+                    continue
+                result = message.get("result")
+                if isinstance(result, dict) and "metrics" in result:
+                    worker.snapshot = result
+                future = worker.waiting.pop(message.get("id"), None)
+                if future is not None and not future.done():
+                    future.set_result(result)
+        except (OSError, ValueError):
+            pass
+        finally:
+            worker.open = False
+            worker.ready = False
+            if worker in self.channels:
+                self.channels.remove(worker)
+            if worker.snapshot is not None:
+                final = Metrics.from_snapshot(worker.snapshot["metrics"])
+                final.active_exchanges = 0  # a gauge: gone with the worker
+                self.retired.add(final)
+            for future in worker.waiting.values():
+                if not future.done():
+                    future.set_exception(ConnectionError("worker gone"))
+            if writer is not None:
+                writer.close()
+            else:
+                sock.close()
+
+    def _reap(self) -> None:
+        for worker in list(self.processes):
+            code = worker.process.poll()
+            if code is None:
+                continue
+            self.processes.remove(worker)
+            if self.stopping:
+                self.worst = max(self.worst, code if code > 0 else 0)
+            else:
+                log.error("worker %d exited (%d); restarting it", worker.pid, code)
+                delay = RESTART_BACKOFF - (time.monotonic() - worker.started)
+                loop = asyncio.get_running_loop()
+                if delay > 0:
+                    self._timers.append(loop.call_later(delay, self._spawn))
+                else:
+                    self._spawn()
+        if self.stopping and not self.processes and self._done is not None:
+            self._done.set()
+
+    def _maybe_announce(self) -> None:
+        if self.announced or self.stopping:
+            return
+        ready = [w for w in self.channels if w.ready]
+        if len(ready) < self.config.workers:
+            return
+        self.announced = True
+        listening = ", ".join(_name(sock) for sock in self.sockets)
+        log.info("all %d workers ready", len(ready))
+        systemd.notify(f"READY=1\nSTATUS=listening on {listening} with {len(ready)} workers")
+
+    def _broadcast(self, message: dict[str, Any]) -> None:
+        for worker in self.channels:
+            if worker.writer is not None:
+                _send(worker.writer, message)
+
+    def _on_signal(self, signum: int) -> None:
+        self.signals += 1
+        name = signal.Signals(signum).name
+        loop = asyncio.get_running_loop()
+        if self.signals == 1:
+            self.stopping = True
+            log.info("%s: draining %d workers", name, len(self.processes))
+            systemd.notify("STOPPING=1")
+            for handle in self._timers:
+                handle.cancel()  # no restarts now
+            for sock in self.sockets:
+                sock.close()  # with the workers' copies closed, new connections are refused
+            self._broadcast({"op": "drain", "why": name})
+            deadline = self.config.drain_timeout + KILL_GRACE
+            self._timers.append(loop.call_later(deadline, self._kill))
+            self._reap()
+        else:
+            log.warning("second signal: workers exit now")
+            self._broadcast({"op": "exit"})
+            self._timers.append(loop.call_later(KILL_GRACE, self._kill))
+
+    def _kill(self) -> None:
+        for worker in self.processes:
+            log.warning("worker %d did not exit in time: killing it", worker.pid)
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+
+    async def _ask(self, worker: _Worker, op: str, timeout: float) -> dict[str, Any] | None:
+        """Send ``op`` and wait (bounded) for the answer; None if none came."""
+        if worker.writer is None or not worker.open:
+            return None
+        ident = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        worker.waiting[ident] = future
+        _send(worker.writer, {"id": ident, "op": op})
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except (TimeoutError, ConnectionError):
+            return None
+        finally:
+            worker.waiting.pop(ident, None)
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 every ``interval``, once READY=1 went out, while every ready worker
+        answers a ping (a worker restarting is not waited for; none at all stops them)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            live = [w for w in self.channels if w.ready]
+            answers = await asyncio.gather(*(self._ask(w, "ping", interval / 2) for w in live))
+            silent = [w.pid for w, answer in zip(live, answers, strict=True) if answer is None]
+            if self.announced and live and not silent:
+                systemd.notify("WATCHDOG=1")
+            elif silent:
+                log.warning("workers %s did not answer: withholding the watchdog ping", silent)
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+
+    # -- AdminSource -------------------------------------------------------------
+    async def metrics_text(self) -> str:
+        """The whole relay: retired counts plus every live worker's latest answer."""
+        live = [w for w in self.channels if w.ready]
+        await asyncio.gather(*(self._ask(w, "metrics", SCRAPE_TIMEOUT) for w in live))
+        total = Metrics()
+        total.add(self.retired)
+        parts: list[Gauges] = []
+        for worker in self.channels:  # as they are now: exits during the gather are retired
+            if worker.snapshot is not None:
+                total.add(Metrics.from_snapshot(worker.snapshot["metrics"]))
+                parts.append(worker.snapshot["gauges"])
+        gauges = merge_gauges(parts)
+        gauges["relay_workers"] = [("", float(sum(w.ready for w in self.channels)))]
+        if self.stopping:
+            gauges["relay_draining"] = [("", 1.0)]
+        return total.render(gauges=lambda: gauges)
+
+    async def ready(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "draining"
+        live = [w for w in self.channels if w.ready]
+        answers = await asyncio.gather(*(self._ask(w, "ready", SCRAPE_TIMEOUT) for w in live))
+        for answer in answers:
+            if answer is not None and answer.get("ready"):
+                return True, str(answer.get("reason"))
+        reasons = [str(a.get("reason")) for a in answers if a is not None]
+        return False, reasons[0] if reasons else "no worker ready"
+
+
+def _name(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def run_workers(config: Config, argv: Sequence[str], sockets: list[socket.socket]) -> int:
+    """Run the parent of ``config.workers`` workers on ``sockets``; its exit code."""
+    with asyncio.Runner() as runner:
+        return runner.run(Supervisor(config, argv, sockets).run())

@@ -1,0 +1,280 @@
+"""``--workers N`` as a service: sd_notify from the main pid, drain, whole-relay metrics,
+worker pids in the log, and workers that do not outlive their parent."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sglang_app import SGLangServer
+
+pytestmark = pytest.mark.timeout(90)
+
+LIMIT = 20.0
+CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sglang():
+    server = SGLangServer().start()
+    yield server
+    server.stop()
+
+
+class Relay:
+    """relay as a subprocess whose stderr lines are kept (read by a thread)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "--listen", "127.0.0.1:0", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self.wait_line(r"listening on 127\.0\.0\.1:(\d+)")
+        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", line).group(1))
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("")  # EOF marker
+            self._changed.notify_all()
+
+    def wait_line(self, pattern: str, limit: float = LIMIT) -> str:
+        """The first stderr line matching ``pattern`` (waits for it, bounded)."""
+        deadline = time.monotonic() + limit
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if re.search(pattern, line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.lines and self.lines[-1] == ""):
+                    raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.lines))
+                self._changed.wait(remaining)
+
+    def workers(self) -> list[int]:
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(LIMIT)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+
+def eventually(check: Callable[[], bool], limit: float = LIMIT) -> None:
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie no one reaped counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_sd_notify_ready_watchdog_and_stopping_come_from_the_main_pid(sglang, tmp_path):
+    """With NotifyAccess=main only the parent may talk to systemd: READY=1 once the
+    workers listen, WATCHDOG=1 while they answer, STOPPING=1 on SIGTERM, all from it."""
+    path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    listener.bind(path)
+    listener.settimeout(LIMIT)
+    ucred = struct.calcsize("iII")
+
+    def receive() -> tuple[int, bytes]:
+        data, ancillary, _, _ = listener.recvmsg(4096, socket.CMSG_SPACE(ucred))
+        pids = [
+            struct.unpack("iII", payload[:ucred])[0]
+            for level, kind, payload in ancillary
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+        ]
+        assert len(pids) == 1
+        return pids[0], data
+
+    relay = Relay(
+        "--upstream",
+        sglang.url,
+        "--workers",
+        "2",
+        env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"},
+    )
+    main = relay.process.pid
+    try:
+        senders: dict[bytes, set[int]] = {}
+        while b"WATCHDOG=1" not in senders:
+            pid, data = receive()
+            senders.setdefault(data.split(b"\n")[0], set()).add(pid)
+        assert set(senders) == {b"READY=1", b"WATCHDOG=1"}
+        relay.wait_line(r"all 2 workers ready")
+        relay.process.send_signal(signal.SIGTERM)
+        while b"STOPPING=1" not in senders:
+            pid, data = receive()
+            senders.setdefault(data.split(b"\n")[0], set()).add(pid)
+        assert relay.process.wait(LIMIT) == 0
+        assert senders == {b"READY=1": {main}, b"WATCHDOG=1": {main}, b"STOPPING=1": {main}}
+    finally:
+        relay.stop()
+        listener.close()
+
+
+def test_workers_exit_when_the_parent_is_killed(sglang):
+    """SIGKILL to the parent takes its workers down within seconds."""
+    relay = Relay("--upstream", sglang.url, "--workers", "2")
+    try:
+        eventually(lambda: len(relay.workers()) == 2)
+        workers = relay.workers()
+        relay.wait_line(r"all 2 workers ready")
+        relay.process.kill()
+        relay.process.wait(LIMIT)
+        eventually(lambda: all(gone(pid) for pid in workers), limit=10)
+    finally:
+        for pid in relay.workers() if relay.process.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_drain_refuses_new_connections_and_ready_says_draining(sglang, workers):
+    """During the drain a new connection is refused at once and /ready answers 503
+    "draining", with one process or several; the stream in flight completes."""
+    admin = free_port()
+    relay = Relay(
+        "--upstream",
+        sglang.url,
+        "--workers",
+        str(workers),
+        "--admin-listen",
+        f"127.0.0.1:{admin}",
+        "--drain-timeout",
+        "20s",
+    )
+    body = {**CHAT, "stream": True, "max_tokens": 40, "test_gap_ms": 100}
+    try:
+        if workers > 1:
+            relay.wait_line(r"all 2 workers ready")
+        assert httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=LIMIT).status_code == 200
+        with httpx.Client(timeout=LIMIT) as client:
+            url = f"http://127.0.0.1:{relay.port}/v1/chat/completions"
+            with client.stream("POST", url, json=body) as response:
+                lines = response.iter_lines()
+                next(lines)  # in flight
+                relay.process.send_signal(signal.SIGTERM)
+
+                def refused() -> bool:
+                    try:
+                        socket.create_connection(("127.0.0.1", relay.port), 1).close()
+                    except ConnectionRefusedError:
+                        return True
+                    return False
+
+                eventually(refused, limit=5)
+                ready = httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=LIMIT)
+                assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+                assert "\n".join(lines).rstrip().endswith("data: [DONE]")
+        assert relay.process.wait(LIMIT) == 0
+    finally:
+        relay.stop()
+
+
+def test_metrics_cover_every_worker_and_never_go_down(sglang):
+    """With --workers 2 every scrape counts every request, whichever worker served it,
+    and counters never decrease, not even when a worker is killed and replaced; each
+    worker's log lines carry its pid."""
+    admin = free_port()
+    relay = Relay(
+        "--upstream", sglang.url, "--workers", "2", "--admin-listen", f"127.0.0.1:{admin}"
+    )
+    sent = 0
+    previous: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=LIMIT).text
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            if family.type in ("counter", "histogram"):
+                for sample in family.samples:
+                    samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def check(samples: dict) -> None:
+        requests = sum(v for (name, _), v in samples.items() if name == "relay_requests_total")
+        assert requests == sent
+        for key, value in previous.items():
+            assert samples.get(key, 0.0) >= value, key
+        previous.clear()
+        previous.update(samples)
+
+    def batch(n: int = 8) -> None:
+        nonlocal sent
+        for _ in range(n):
+            # A new connection each time, so that both workers get some.
+            response = httpx.post(
+                f"http://127.0.0.1:{relay.port}/v1/chat/completions",
+                json={**CHAT, "max_tokens": 2},
+                headers={"connection": "close"},
+                timeout=LIMIT,
+            )
+            assert response.status_code == 200
+            sent += 1
+
+    try:
+        relay.wait_line(r"all 2 workers ready")
+        workers = relay.workers()
+        deadline = time.monotonic() + LIMIT
+        served: set[int] = set()
+        while served != set(workers):
+            assert time.monotonic() < deadline, f"only {served} of {workers} served"
+            batch()
+            check(scrape())
+            served = {
+                int(m.group(1))
+                for line in list(relay.lines)
+                if (m := re.search(r"relay\.access\[(\d+)\]", line))
+            }
+        for _ in range(6):
+            batch(2)
+            check(scrape())
+        os.kill(workers[0], signal.SIGKILL)
+        relay.wait_line(rf"worker {workers[0]} exited")
+        check(scrape())
+        eventually(lambda: len(relay.workers()) == 2 and workers[0] not in relay.workers())
+        for _ in range(6):
+            batch(2)
+            check(scrape())
+    finally:
+        assert relay.stop() == 0
