@@ -345,18 +345,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging(config.log_level, config.log_format)
     from .server import preflight, run, serve
+    from .workers import WORKER_ENV
 
-    try:
-        preflight(config)
-    except (ConfigError, TLSError) as exc:
-        return fail(exc)
-    for host, reason in unresolved_hosts(u.host for u in config.all_upstreams):
-        log.warning(
-            "upstream host %s does not resolve (%s); starting anyway, "
-            "its requests get 502 until it does",
-            host,
-            reason,
-        )
+    # A worker of --workers N was started by a parent that checked all this,
+    # and that holds the admin port the check would try to bind.
+    if not os.environ.get(WORKER_ENV):
+        try:
+            preflight(config)
+        except (ConfigError, TLSError) as exc:
+            return fail(exc)
+        for host, reason in unresolved_hosts(u.host for u in config.all_upstreams):
+            log.warning(
+                "upstream host %s does not resolve (%s); starting anyway, "
+                "its requests get 502 until it does",
+                host,
+                reason,
+            )
     if config.workers == 1:
         try:
             return run(serve(config), config.loop)
