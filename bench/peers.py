@@ -90,7 +90,7 @@ def _wait_line(process: subprocess.Popen[str], pattern: str, stream: str) -> re.
 
 def start_streamer(cpus: set[int] | None = None) -> Peer:
     process = subprocess.Popen(
-        [sys.executable, "-m", "relay.streamer", "--listen", "127.0.0.1:0"],
+        [sys.executable, "-m", "relay.tools.streamer", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=_pin(cpus),

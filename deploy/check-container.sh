@@ -75,7 +75,7 @@ if [[ ${#command[@]} -eq 0 || ${#health[@]} -eq 0 ]]; then
     exit 1
 fi
 
-python3 -m relay.streamer --listen 127.0.0.1:30701 --ttft 0.05 --gap 0.02 >/dev/null &
+python3 -m relay.tools.streamer --listen 127.0.0.1:30701 --ttft 0.05 --gap 0.02 >/dev/null &
 pids+=($!)
 log="$work/relay.log"
 # What `docker run -e RELAY_UPSTREAM=...` adds: the only setting not in the image.

@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from . import __version__
-from .accesslog import setup_logging
-from .auth import KeyListError, parse_key_file, parse_key_list
 from .cliparse import EXIT_USAGE, OneLineParser
 from .config import (
     BALANCE_POLICIES,
@@ -37,8 +35,10 @@ from .config import (
     parse_route,
     parse_upstream,
 )
-from .rewrite import ModelMap, ModelMapError, load_model_map_file, parse_model_map_item
-from .tls import TLSError
+from .core.accesslog import setup_logging
+from .core.tls import TLSError
+from .http.auth import KeyListError, parse_key_file, parse_key_list
+from .http.rewrite import ModelMap, ModelMapError, load_model_map_file, parse_model_map_item
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -313,11 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         command = "serve"
     if command == "probe":
-        from . import probe
+        from .tools import probe
 
         return probe.main(args_list)
     if command == "demo":
-        from . import demo
+        from .tools import demo
 
         return demo.main(args_list)
 
@@ -344,8 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe_config(config))
         return 0
     setup_logging(config.log_level, config.log_format)
-    from .server import preflight, run, serve
-    from .workers import WORKER_ENV
+    from .core.server import run
+    from .ops.service import preflight, serve
+    from .ops.workers import WORKER_ENV
 
     # A worker of --workers N was started by a parent that checked all this,
     # and that holds the admin port the check would try to bind.
@@ -371,8 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve_workers(config: Config, argv: Sequence[str]) -> int:
     """The parent of ``--workers N`` (binds, then supervises), or one of its workers."""
-    from .systemd import listen_sockets
-    from .workers import run_worker, run_workers, worker_spec
+    from .ops.systemd import listen_sockets
+    from .ops.workers import run_worker, run_workers, worker_spec
 
     setup_logging(config.log_level, config.log_format, pid=True)
     spec = worker_spec()

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .rewrite import ModelMap
+from .http.rewrite import ModelMap
 
 __all__ = [
     "Config",

@@ -18,7 +18,7 @@ from typing import Any
 import h11
 
 from relay.config import Config, parse_listen, parse_upstream
-from relay.server import RelayServer, loop_factory
+from relay.core.server import RelayServer, loop_factory
 
 WAIT = 5.0
 

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from relay.config import Config, parse_listen, parse_upstream
-from relay.server import RelayServer, loop_factory
+from relay.core.server import RelayServer, loop_factory
+from relay.ops.service import admin_protocol
 
 T = TypeVar("T")
 
@@ -67,7 +68,7 @@ class RelayThread:
         self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         try:
-            self.server = await RelayServer.start(self.config)
+            self.server = await RelayServer.start(self.config, admin=admin_protocol)
         except BaseException as exc:  # reported to the starting thread
             self._error = exc
             self._ready.set()

@@ -25,7 +25,7 @@ from harness import (
     sse_chunk,
 )
 
-from relay.downstream import ClientConnection
+from relay.core.downstream import ClientConnection
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -176,7 +176,7 @@ def test_routing_by_model(fleet):
 
 def test_routing_uses_the_model_after_aliasing(fleet):
     """An alias is resolved before routing: the target's route wins."""
-    from relay.rewrite import ModelMap
+    from relay.http.rewrite import ModelMap
 
     a, b, _ = fleet
     with RelayThread(

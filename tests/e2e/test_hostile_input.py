@@ -23,7 +23,7 @@ from harness import (
 )
 
 from relay.config import parse_route
-from relay.rewrite import ModelMap
+from relay.http.rewrite import ModelMap
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -220,7 +220,7 @@ def test_a_bad_later_chunk_aborts_the_upstream_request_unfinished(loop_kind):
 def test_bodies_held_for_inspection_are_bounded_server_wide(loop_kind):
     """Past --max-inspect-bytes new inspected bodies get 503 (413 if one alone is too big)."""
 
-    from relay.rewrite import inspect_budget_for
+    from relay.http.rewrite import inspect_budget_for
 
     async def main():
         async with setup(echo, model_map=ALIASES, max_inspect_bytes=1000) as (up, relay):

@@ -26,11 +26,11 @@ from harness import (
     setup,
 )
 
-from relay import downstream
 from relay.config import parse_route, parse_upstream
-from relay.downstream import ClientConnection
-from relay.rewrite import ModelMap
-from relay.upstream import UpstreamConnection
+from relay.core import downstream
+from relay.core.downstream import ClientConnection
+from relay.core.upstream import UpstreamConnection
+from relay.http.rewrite import ModelMap
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ from harness import WAIT, connect, read_head, read_request, run, setup
 from relayfixture import RelayThread
 from sglang_app import SGLangServer
 
-from relay.rewrite import ModelMap
+from relay.http.rewrite import ModelMap
 
 pytestmark = pytest.mark.timeout(60)
 

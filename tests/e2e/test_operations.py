@@ -115,7 +115,7 @@ def test_health_and_ready_follow_the_upstream(sglang):
 
 def test_access_log_fields(sglang, caplog):
     """The access record carries requested and forwarded model, bytes, TTFT and ending."""
-    from relay.rewrite import ModelMap
+    from relay.http.rewrite import ModelMap
 
     caplog.set_level("INFO", logger="relay.access")
     with RelayThread(sglang.url, model_map=ModelMap({"alias": "test-model"})) as relay:

@@ -90,7 +90,7 @@ PACE = ["--max-tokens", "8", "--model", "demo-model"]
 def streamer_process(ttft: str, gap: str) -> Iterator[str]:
     """`python -m relay.streamer` in a subprocess; yields its URL."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "relay.streamer", "--ttft", ttft, "--gap", gap],
+        [sys.executable, "-m", "relay.tools.streamer", "--ttft", ttft, "--gap", gap],
         stdout=subprocess.PIPE,
         text=True,
     )

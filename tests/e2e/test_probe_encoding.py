@@ -24,7 +24,7 @@ from harness import ScriptUpstream, parse_request, read_request, run, setup
 from relayfixture import RelayThread
 
 from bench.peers import GZIP_EVENT_STREAMS, Peer, nginx_path, start_nginx, start_streamer
-from relay.probe import probe
+from relay.tools.probe import probe
 
 pytestmark = pytest.mark.timeout(60)
 

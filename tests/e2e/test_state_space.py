@@ -37,11 +37,11 @@ from typing import Any
 import pytest
 from harness import CHUNKED_HEAD, ScriptUpstream, relay_for, reset, run, sse_chunk
 
-from relay.downstream import ClientConnection
-from relay.exchange import Exchange
-from relay.framing import LAST_CHUNK
-from relay.server import RelayServer
-from relay.upstream import State, UpstreamConnection
+from relay.core.downstream import ClientConnection
+from relay.core.exchange import Exchange
+from relay.core.server import RelayServer
+from relay.core.upstream import State, UpstreamConnection
+from relay.http.framing import LAST_CHUNK
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from relay.sse import DECODED_CHUNK, ContentDecoder, ContentDecodingError
+from relay.http.sse import DECODED_CHUNK, ContentDecoder, ContentDecodingError
 
 EVENTS = [b'data: {"choices":[{"delta":{"content":"%d"}}]}\n\n' % i for i in range(20)]
 PLAIN = b"".join(EVENTS)

@@ -9,10 +9,10 @@ import re
 import h11
 import pytest
 
-from relay.accesslog import JsonFormatter, log_exchange
-from relay.auth import KeyListError, parse_key_list
-from relay.errors import STATUS_ERRORS, RelayError, error_body, protocol_error_message
-from relay.headers import find_head_problem, origin_form
+from relay.core.accesslog import JsonFormatter, log_exchange
+from relay.http.auth import KeyListError, parse_key_list
+from relay.http.errors import STATUS_ERRORS, RelayError, error_body, protocol_error_message
+from relay.http.headers import find_head_problem, origin_form
 
 # Every status relay sends itself → (type, code) it must carry.
 EXPECTED = {

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.framing import (
+from relay.http.framing import (
     LAST_CHUNK,
     ChunkedFramer,
     CloseFramer,

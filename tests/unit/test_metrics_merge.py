@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from relay.metrics import Metrics, merge_gauges
+from relay.core.metrics import Metrics, merge_gauges
 
 
 def test_a_snapshot_survives_json_and_adds_up() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.rewrite import (
+from relay.http.rewrite import (
     MAX_MODEL_VALUE_BYTES,
     InspectBudget,
     ModelMap,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.probe import DEFAULT_ACCEPT_ENCODING, build_parser, main, request_headers
+from relay.tools.probe import DEFAULT_ACCEPT_ENCODING, build_parser, main, request_headers
 
 
 def test_every_probe_flag_has_help_that_states_its_default():

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.rewrite import (
+from relay.http.rewrite import (
     ModelMap,
     ModelMapError,
     load_model_map_file,

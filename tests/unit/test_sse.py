@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from relay.sse import SSEParser, StreamStats, tokens_in_event
+from relay.http.sse import SSEParser, StreamStats, tokens_in_event
 
 STREAMS = [
     b'data: {"a":1}\n\ndata: {"b":2}\n\n',

@@ -1,9 +1,9 @@
-"""Listeners, the event loop, signals and graceful drain.
+"""Listeners, the upstream health checks, and graceful drain.
 
-:class:`RelayServer` is what tests, the demo and the CLI start: it binds the
-listening sockets, owns the upstream pool and the set of client connections,
-and shuts down in order: stop accepting, let in-flight exchanges finish (up
-to a deadline), close the rest.
+:class:`RelayServer` is what tests, the demo and the service loop start: it
+binds the listening sockets, owns the shared state, and shuts down in order:
+stop accepting, let in-flight exchanges finish (up to a deadline), close the
+rest. Signals, systemd and workers are the service loop's (``relay.ops``).
 """
 
 from __future__ import annotations
@@ -11,23 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import socket
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import systemd
-from .admin import AdminConnection, StateSource
-from .auth import KeyRing, parse_key_file
-from .config import Config, ConfigError, ListenAddress
+from ..config import Config
 from .downstream import ClientConnection
 from .metrics import Metrics
-from .tls import TLSError, describe_handshake_failure, server_context, upstream_context
-from .upstream import Balancer, Router, UpstreamPool
+from .state import ServerState
+from .tls import describe_handshake_failure
+from .upstream import UpstreamPool
 
-__all__ = ["RelayServer", "ServerState", "load_keys", "preflight", "run", "serve"]
+__all__ = ["RelayServer", "loop_factory", "run"]
 
 log = logging.getLogger("relay.error")
 
@@ -36,179 +31,6 @@ BACKLOG = 2048
 #: TLS listener: connections taken per wakeup, and the pause after accept fails (EMFILE).
 ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 1.0
-
-
-def load_keys(config: Config) -> list[str]:
-    """The proxy API keys: the key file's plus any given directly (environment)."""
-    keys = list(config.api_keys)
-    if config.api_key_file:
-        try:
-            with open(config.api_key_file, encoding="utf-8") as file:
-                keys += parse_key_file(file.read())
-        except OSError as exc:
-            reason = f"cannot read {config.api_key_file}: {exc.strerror}"
-            raise ConfigError("--api-key-file", reason) from None
-        if not keys:
-            raise ConfigError("--api-key-file", "holds no keys")
-    return keys
-
-
-def preflight(config: Config) -> None:
-    """Load every file the config names, and try the admin port, so that a bad
-    one fails at start with its flag."""
-    ServerState(config)
-    if config.admin_listen is not None:
-        _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
-
-
-def _try_bind(host: str | None, port: int, flag: str, config: Config) -> None:
-    # Bind (and close) a socket as create_server will, so a busy port is
-    # reported against the flag that names it rather than --listen.
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise ConfigError(flag, f"cannot resolve {host}: {exc.strerror or exc}") from None
-    for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if config.workers > 1 and hasattr(socket, "SO_REUSEPORT"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                where = ListenAddress(address[0], port)
-                raise ConfigError(flag, f"cannot listen on {where}: {exc.strerror}") from None
-
-
-class ServerState:
-    """What every connection of one server shares."""
-
-    def __init__(self, config: Config) -> None:
-        """Build the shared state; raises ``TLSError`` or ``ConfigError`` on bad files."""
-        self.config = config
-        self.metrics = Metrics()
-        self.server_tls = (
-            server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
-            if config.tls_cert
-            else None
-        )
-        upstream_tls = None
-        if any(address.scheme == "https" for address in config.all_upstreams):
-            upstream_tls = upstream_context(
-                config.upstream_ca,
-                config.upstream_cert,
-                config.upstream_key,
-                verify=config.upstream_tls_verify,
-            )
-        self.keys = KeyRing(load_keys(config))
-        pools = {
-            address: UpstreamPool(
-                address,
-                connect_timeout=config.upstream_connect_timeout,
-                keepalive_timeout=config.upstream_keepalive_timeout,
-                max_idle=config.upstream_keepalive,
-                metrics=self.metrics,
-                ssl_context=upstream_tls,
-            )
-            for address in config.all_upstreams
-        }
-        self.router = Router(
-            pools,
-            config.upstreams,
-            config.routes,
-            balancer=Balancer(config.balance),
-            strict=config.strict_models,
-        )
-        self.connections: set[ClientConnection] = set()
-        # TLS connections accepted whose handshake is not done yet: they hold
-        # a socket too, so they count against --max-connections.
-        self.handshakes: set[asyncio.Task[None]] = set()
-        self.draining = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-
-    @property
-    def pool(self) -> UpstreamPool:
-        """The first upstream's pool (the only one in a single-upstream setup)."""
-        return self.router.default[0]
-
-    def gauges(self) -> dict[str, list[tuple[str, float]]]:
-        """Point-in-time values for /metrics: name → [(labels, value)]."""
-        now = time.monotonic()
-        pools = self.router.pools.values()
-
-        def per_pool(value: Callable[[UpstreamPool], float]) -> list[tuple[str, float]]:
-            return [(f'upstream="{pool.address}"', float(value(pool))) for pool in pools]
-
-        return {
-            "relay_client_connections": [("", float(len(self.connections)))],
-            "relay_tls_handshakes": [("", float(len(self.handshakes)))],
-            "relay_draining": [("", 1.0 if self.draining else 0.0)],
-            "relay_upstream_pool_idle": per_pool(lambda p: p.idle_count),
-            "relay_upstream_pool_active": per_pool(lambda p: p.active),
-            "relay_upstream_outstanding": per_pool(lambda p: p.outstanding),
-            "relay_upstream_available": per_pool(lambda p: p.available(now)),
-        }
-
-    def busy(self) -> bool:
-        return any(conn.exchange is not None for conn in self.connections)
-
-    def reload(self) -> None:
-        """SIGHUP: reload the certificate and the key file; keep serving on failure.
-
-        Everything is loaded first and swapped in only if all of it loaded: a
-        rotation caught half-way (new certificate, old key) changes nothing.
-        New TLS handshakes get the new context; open connections keep theirs.
-        """
-        config = self.config
-        try:
-            tls = (
-                server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
-                if self.server_tls is not None and config.tls_cert
-                else None
-            )
-            keys = load_keys(config)
-        except (TLSError, ConfigError) as exc:
-            log.error("reload failed, keeping the previous files: %s", exc)
-            return
-        if tls is not None:
-            self.server_tls = tls
-        self.keys.replace(keys)
-        done = ["the TLS certificate"] if tls is not None else []
-        if config.api_key_file or keys:
-            done.append(f"{len(keys)} API key" + ("" if len(keys) == 1 else "s"))
-        log.info("reloaded %s", " and ".join(done) if done else "(nothing to reload)")
-
-    def over_limit(self) -> str | None:
-        """Why a new connection must be refused now, or None."""
-        if self.draining:
-            return "relay is shutting down"
-        if len(self.connections) + len(self.handshakes) >= self.config.max_connections:
-            return "too many connections"
-        return None
-
-    def exchange_settled(self) -> None:
-        """A connection finished an exchange or closed: maybe the drain is over."""
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done() and not self.busy():
-            waiter.set_result(None)
-
-    async def wait_drained(self, limit: float) -> bool:
-        """Wait (bounded) until no exchange is in flight; true if none is."""
-        if not self.busy():
-            return True
-        self._drain_waiter = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(limit):
-                await self._drain_waiter
-        except TimeoutError:
-            return False
-        finally:
-            self._drain_waiter = None
-        return True
 
 
 class TLSListener:
@@ -371,8 +193,13 @@ class RelayServer:
         *,
         sockets: Sequence[socket.socket] = (),
         reuse_port: bool = False,
+        admin: Callable[[ServerState], asyncio.Protocol] | None = None,
     ) -> RelayServer:
-        """Bind ``config.listen`` and start accepting (raises ``OSError`` on bind failure)."""
+        """Bind ``config.listen`` and start accepting (raises ``OSError`` on bind failure).
+
+        ``admin`` makes the protocol of the ``--admin-listen`` listener (the
+        operations layer passes it; the core does not know the admin pages).
+        """
         loop = asyncio.get_running_loop()
         state = ServerState(config)
 
@@ -406,14 +233,15 @@ class RelayServer:
                     health_check(pool, config.health_check, config.health_interval)
                 )
                 relay.health_tasks.append(task)
-        if config.admin_listen is not None:
-            admin = await loop.create_server(
-                lambda: AdminConnection(StateSource(state)),
+        if config.admin_listen is not None and admin is not None:
+            make_admin = admin
+            admin_server = await loop.create_server(
+                lambda: make_admin(state),
                 host=config.admin_listen.host,
                 port=config.admin_listen.port,
                 reuse_address=True,
             )
-            relay.admin_servers.append(admin)
+            relay.admin_servers.append(admin_server)
         return relay
 
     @property
@@ -476,97 +304,6 @@ class RelayServer:
         ]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
-
-
-def _describe_loop() -> str:
-    loop = asyncio.get_running_loop()
-    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
-
-
-async def serve(
-    config: Config,
-    *,
-    sockets: Sequence[socket.socket] = (),
-    reuse_port: bool = False,
-    control: socket.socket | None = None,
-) -> int:
-    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once.
-
-    ``control`` makes this process a worker of ``--workers N``: it reports
-    to its parent over that socket (ready, metrics, pings) instead of to the
-    service manager, and drains when the parent says so or goes away.
-    """
-    activated = list(sockets) or systemd.listen_sockets()
-    try:
-        server = await RelayServer.start(config, sockets=activated, reuse_port=reuse_port)
-    except (TLSError, ConfigError) as exc:
-        log.error("%s", exc)
-        return 2
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
-        return 1
-    listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses)
-    if config.upstream.scheme == "https" and not config.upstream_tls_verify:
-        log.warning("upstream TLS certificates are NOT verified (--upstream-insecure-skip-verify)")
-    log.info(
-        "relay listening on %s, forwarding to %s (%s)",
-        listening,
-        config.upstream,
-        _describe_loop(),
-    )
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    signals = 0
-
-    def drain(why: str) -> None:
-        if not stop.done():
-            log.info("%s: draining (up to %g s)", why, config.drain_timeout)
-            stop.set_result(None)
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            drain(signal.Signals(signum).name)
-        else:
-            log.warning("second signal: exiting now")
-            os._exit(0)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, server.state.reload)
-    watchdog: list[asyncio.TimerHandle] = []
-    channel: asyncio.Task[None] | None = None
-    if control is not None:
-        from .workers import worker_channel
-
-        channel = loop.create_task(worker_channel(control, server.state, drain))
-    else:
-        interval = systemd.watchdog_interval()
-        if interval:
-            watchdog.append(loop.call_later(interval, _watchdog, loop, interval, watchdog))
-        systemd.notify(f"READY=1\nSTATUS=listening on {listening}")
-    try:
-        await stop
-        if control is None:
-            systemd.notify("STOPPING=1")
-        await server.close(config.drain_timeout)
-    finally:
-        for handle in watchdog:
-            handle.cancel()
-        if channel is not None:
-            channel.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-    return 0
-
-
-def _watchdog(
-    loop: asyncio.AbstractEventLoop, interval: float, handles: list[asyncio.TimerHandle]
-) -> None:
-    # Pinged from the event loop itself: a stuck loop stops the pings.
-    systemd.notify("WATCHDOG=1")
-    handles[:] = [loop.call_later(interval, _watchdog, loop, interval, handles)]
 
 
 def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -48,16 +48,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..config import Config
+from ..core.metrics import Gauges, Metrics, merge_gauges
+from ..core.server import run
 from . import systemd
 from .admin import AdminConnection, check_ready
-from .config import Config
-from .metrics import Gauges, Metrics, merge_gauges
+from .service import serve
 
 if TYPE_CHECKING:
-    from .server import ServerState
+    from ..core.state import ServerState
 
 __all__ = ["WorkerSpec", "run_worker", "run_workers", "worker_channel", "worker_spec"]
 
@@ -114,12 +116,14 @@ def run_worker(config: Config, spec: WorkerSpec) -> int:
     _die_with_parent()
     if os.getppid() != spec.parent:
         return 1  # the parent died before PDEATHSIG was armed
-    from .server import run, serve
-
     channel = socket.socket(fileno=spec.channel)
     sockets = [socket.socket(fileno=fd) for fd in spec.listen]
     own = dataclasses.replace(config, admin_listen=None)
-    return run(serve(own, sockets=sockets, control=channel), config.loop)
+
+    def parent(state: ServerState, drain: Callable[[str], None]) -> Coroutine[Any, Any, None]:
+        return worker_channel(channel, state, drain)
+
+    return run(serve(own, sockets=sockets, parent=parent), config.loop)
 
 
 async def worker_channel(

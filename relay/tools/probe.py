@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 
 import h11
 
-from . import __version__
-from .cliparse import OneLineParser
-from .sse import (
+from .. import __version__
+from ..cliparse import OneLineParser
+from ..http.sse import (
     ContentDecoder,
     ContentDecodingError,
     SSEError,

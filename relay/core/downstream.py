@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, cast
 
 import h11
 
-from .errors import RelayError, error_response, protocol_error_message
+from ..http.errors import RelayError, error_response, protocol_error_message
+from ..http.headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
+from ..http.rewrite import inspect_budget_for
 from .exchange import Ending, Exchange, Phase
-from .headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
-from .rewrite import inspect_budget_for
 from .upstream import set_nodelay
 
 if TYPE_CHECKING:
-    from .server import ServerState
+    from .state import ServerState
 
 __all__ = ["ClientConnection"]
 

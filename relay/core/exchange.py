@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import h11
 
-from .accesslog import log_exchange
-from .errors import RelayError
-from .framing import (
+from ..http.errors import RelayError
+from ..http.framing import (
     LAST_CHUNK,
     BodyFramer,
     BodyKind,
@@ -46,16 +45,16 @@ from .framing import (
     encode_chunk,
     plan_response,
 )
-from .headers import (
+from ..http.headers import (
     has_token,
     is_json_or_untyped,
     origin_form,
     request_headers_for_upstream,
     response_head,
 )
-from .headers import response_headers_for_client as client_headers
-from .modellist import MAX_MODEL_LIST_BYTES, merge_model_lists, parse_model_list
-from .rewrite import (
+from ..http.headers import response_headers_for_client as client_headers
+from ..http.modellist import MAX_MODEL_LIST_BYTES, merge_model_lists, parse_model_list
+from ..http.rewrite import (
     MAX_DEPTH,
     MAX_MODEL_VALUE_BYTES,
     InspectBudget,
@@ -64,6 +63,7 @@ from .rewrite import (
     ScanStatus,
     rewrite_pieces,
 )
+from .accesslog import log_exchange
 from .upstream import (
     ConnectError,
     ConnectTimeout,
@@ -74,7 +74,7 @@ from .upstream import (
 )
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
     from .metrics import Metrics
 
 __all__ = ["Exchange", "Phase"]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import h11
 
 if TYPE_CHECKING:
-    from .server import ServerState
+    from ..core.state import ServerState
 
 __all__ = ["AdminConnection", "AdminSource", "StateSource", "check_ready"]
 

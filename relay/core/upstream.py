@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import h11
 
-from .config import UpstreamAddress
+from ..config import UpstreamAddress
 
 if TYPE_CHECKING:
     from .metrics import Metrics

@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import h11
 
-from .cliparse import OneLineParser
+from ..cliparse import OneLineParser
 
 __all__ = ["Streamer", "StreamerSettings", "main", "start_streamer"]
 
@@ -342,11 +342,11 @@ async def _serve(host: str, port: int, settings: StreamerSettings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import ConfigError, parse_listen
-    from .server import run
+    from ..config import ConfigError, parse_listen
+    from ..core.server import run
 
     parser = OneLineParser(
-        prog="python -m relay.streamer", description="An SGLang-like token streamer."
+        prog="python -m relay.tools.streamer", description="An SGLang-like token streamer."
     )
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default 127.0.0.1:0)")
     parser.add_argument("--tokens", type=int, default=StreamerSettings.tokens)

@@ -1,7 +1,7 @@
 """``relay demo``: a built-in SGLang-like upstream, relay in front, the probe on both.
 
 For a newcomer with no inference server at hand. The upstream is the same
-token streamer the benchmarks use (:mod:`relay.streamer`), paced like the bug
+token streamer the benchmarks use (:mod:`relay.tools.streamer`), paced like the bug
 report that started relay (about 250 ms to the first token, then one every
 24 ms). ``--serve`` keeps both running so curl or an OpenAI client can be
 pointed at relay.
@@ -15,11 +15,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .accesslog import setup_logging
-from .cliparse import OneLineParser
-from .config import Config, ConfigError, parse_duration, parse_listen, parse_upstream
+from ..cliparse import OneLineParser
+from ..config import Config, ConfigError, parse_duration, parse_listen, parse_upstream
+from ..core.accesslog import setup_logging
+from ..core.server import RelayServer, run
 from .probe import format_table, probe
-from .server import RelayServer, run
 from .streamer import StreamerSettings, start_streamer
 
 __all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Sans-IO HTTP: bytes and headers in, decisions out; no sockets, no asyncio."""

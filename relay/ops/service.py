@@ -1,0 +1,158 @@
+"""The service loop: start a relay, serve until told to stop, drain, exit.
+
+Signals (SIGTERM/SIGINT drain, a second one exits, SIGHUP reloads), systemd
+(READY, STOPPING, WATCHDOG from the event loop itself), the admin listener,
+and, for a worker of ``--workers N``, the channel to its parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from ..config import Config, ConfigError, ListenAddress
+from ..core.server import RelayServer
+from ..core.state import ServerState
+from ..core.tls import TLSError
+from . import systemd
+from .admin import AdminConnection, StateSource
+
+__all__ = ["ParentChannel", "preflight", "serve"]
+
+#: A worker's link to its parent: given the state and a ``drain(reason)``
+#: callback, it runs for the worker's life (reports, pings, drain orders).
+ParentChannel = Callable[[ServerState, Callable[[str], None]], Coroutine[Any, Any, None]]
+
+log = logging.getLogger("relay.error")
+
+
+def admin_protocol(state: ServerState) -> asyncio.Protocol:
+    """The admin listener's protocol for one connection."""
+    return AdminConnection(StateSource(state))
+
+
+def preflight(config: Config) -> None:
+    """Load every file the config names, and try the admin port, so that a bad
+    one fails at start with its flag."""
+    ServerState(config)
+    if config.admin_listen is not None:
+        _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
+
+
+def _try_bind(host: str | None, port: int, flag: str, config: Config) -> None:
+    # Bind (and close) a socket as create_server will, so a busy port is
+    # reported against the flag that names it rather than --listen.
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(flag, f"cannot resolve {host}: {exc.strerror or exc}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if config.workers > 1 and hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                where = ListenAddress(address[0], port)
+                raise ConfigError(flag, f"cannot listen on {where}: {exc.strerror}") from None
+
+
+def _describe_loop() -> str:
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+async def serve(
+    config: Config,
+    *,
+    sockets: Sequence[socket.socket] = (),
+    reuse_port: bool = False,
+    parent: ParentChannel | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT, then drain; a second signal exits at once.
+
+    ``parent`` makes this process a worker of ``--workers N``: it reports
+    to its parent over that socket (ready, metrics, pings) instead of to the
+    service manager, and drains when the parent says so or goes away.
+    """
+    activated = list(sockets) or systemd.listen_sockets()
+    try:
+        server = await RelayServer.start(
+            config, sockets=activated, reuse_port=reuse_port, admin=admin_protocol
+        )
+    except (TLSError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
+        return 1
+    listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses)
+    if config.upstream.scheme == "https" and not config.upstream_tls_verify:
+        log.warning("upstream TLS certificates are NOT verified (--upstream-insecure-skip-verify)")
+    log.info(
+        "relay listening on %s, forwarding to %s (%s)",
+        listening,
+        config.upstream,
+        _describe_loop(),
+    )
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    signals = 0
+
+    def drain(why: str) -> None:
+        if not stop.done():
+            log.info("%s: draining (up to %g s)", why, config.drain_timeout)
+            stop.set_result(None)
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            drain(signal.Signals(signum).name)
+        else:
+            log.warning("second signal: exiting now")
+            os._exit(0)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, server.state.reload)
+    watchdog: list[asyncio.TimerHandle] = []
+    channel: asyncio.Task[None] | None = None
+    if parent is not None:
+        channel = loop.create_task(parent(server.state, drain))
+    else:
+        interval = systemd.watchdog_interval()
+        if interval:
+            watchdog.append(loop.call_later(interval, _watchdog, loop, interval, watchdog))
+        systemd.notify(f"READY=1\nSTATUS=listening on {listening}")
+    try:
+        await stop
+        if parent is None:
+            systemd.notify("STOPPING=1")
+        await server.close(config.drain_timeout)
+    finally:
+        for handle in watchdog:
+            handle.cancel()
+        if channel is not None:
+            channel.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+    return 0
+
+
+def _watchdog(
+    loop: asyncio.AbstractEventLoop, interval: float, handles: list[asyncio.TimerHandle]
+) -> None:
+    # Pinged from the event loop itself: a stuck loop stops the pings.
+    systemd.notify("WATCHDOG=1")
+    handles[:] = [loop.call_later(interval, _watchdog, loop, interval, handles)]

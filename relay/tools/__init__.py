@@ -1,0 +1,1 @@
+"""What a user runs beside the relay: the streaming probe, the demo, the SGLang-like streamer."""
