@@ -7,6 +7,7 @@ journald and container runtimes collect from stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -28,8 +29,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": _utc_second(int(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -45,6 +45,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False)
 
 
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+@functools.lru_cache(maxsize=4)
+def _local_second(second: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+
+
+class TextFormatter(logging.Formatter):
+    """The standard text formatter, with the time formatted once per second.
+
+    An access line per request made ``strftime`` a visible cost; the text is
+    the same as ``logging.Formatter``'s default ``asctime``.
+    """
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return f"{_local_second(int(record.created))},{int(record.msecs):03d}"
+
+
 def setup_logging(level: str, fmt: str = "text", *, pid: bool = False) -> None:
     """Send relay's loggers to stderr at ``level``, as ``text`` or ``json``.
 
@@ -56,7 +79,7 @@ def setup_logging(level: str, fmt: str = "text", *, pid: bool = False) -> None:
         handler.setFormatter(JsonFormatter(pid=pid))
     else:
         name = "%(name)s[%(process)d]" if pid else "%(name)s"
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
+        handler.setFormatter(TextFormatter(f"%(asctime)s %(levelname)s {name}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
@@ -69,6 +92,8 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: Text-format values holding one of these are written in double quotes.
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+#: Printable ASCII without space, quote, ``=`` or backslash: written as it is.
+_PLAIN = re.compile(r"[!#-<>-\[\]-~]+")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -88,6 +113,8 @@ def text_value(value: object) -> str:
     escaped and, where needed, quoted, they cannot forge a line or a field.
     """
     text = str(value)
+    if _PLAIN.fullmatch(text):
+        return text  # the common case: printable ASCII, nothing to quote
     if not text or _NEEDS_QUOTES.search(text) or _UNSAFE.search(text):
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
         return '"' + _safe(escaped) + '"'
@@ -122,13 +149,14 @@ def log_exchange(
     """Write the access line for one finished exchange (if INFO is enabled)."""
     if not access.isEnabledFor(logging.INFO):
         return
-    # JSON escapes control characters itself; only lone surrogates (valid
-    # in a Python str, not in UTF-8) are made safe for it.
     fields = {
-        "client": _json_safe(client),
-        "method": _json_safe(method.decode("ascii", "replace")),
-        "path": _json_safe(target.decode("ascii", "replace")),
+        "client": client,
+        # ASCII with replacement characters: nothing in them can break a line.
+        "method": method.decode("ascii", "replace"),
+        "path": target.decode("ascii", "replace"),
         "status": status,
+        # Model names come from JSON, which can hold lone surrogates (valid in
+        # a Python str, not in UTF-8): those are made safe for JSON too.
         "model": None if requested_model is None else _json_safe(requested_model),
         "forwarded_model": None if forwarded_model is None else _json_safe(forwarded_model),
         "upstream": upstream,
@@ -139,5 +167,28 @@ def log_exchange(
         "total_ms": _ms(total_s),
         "ending": ending,
     }
-    text = " ".join(f"{k}={text_value(v)}" for k, v in fields.items() if v is not None)
-    access.info(text, extra={"fields": fields})
+    # makeRecord + handle, rather than info(): the caller's file and line are
+    # not part of an access line, and looking them up costs a stack walk.
+    record = access.makeRecord(access.name, logging.INFO, "", 0, AccessLine(fields), (), None)
+    record.fields = fields  # for handlers and filters that want the values
+    access.handle(record)
+
+
+class AccessLine:
+    """An access record's message: the fields, as ``key=value`` text only when a
+    text handler asks for it (the JSON formatter reads the fields)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(
+            f"{k}={v if type(v) in _NUMBERS else text_value(v)}"
+            for k, v in self.fields.items()
+            if v is not None
+        )
+
+
+_NUMBERS = (int, float)

@@ -23,7 +23,6 @@ import h11
 
 from ..http.errors import RelayError, error_response, protocol_error_message
 from ..http.headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
-from ..http.rewrite import inspect_budget_for
 from .exchange import Ending, Exchange, Phase
 from .upstream import set_nodelay
 
@@ -68,7 +67,9 @@ class ClientConnection(asyncio.Protocol):
         self._closed = False
         self._cycle_started = time.monotonic()
         self._idle = True
-        self._timer: asyncio.TimerHandle | None = None
+        # The deadline of the current wait (keep-alive or head), checked by the
+        # server's ticker; 0 while an exchange owns the deadlines.
+        self._deadline = 0.0
         self._linger: asyncio.TimerHandle | None = None
 
     def _new_h11(self) -> h11.Connection:
@@ -94,7 +95,8 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         state.connections.add(self)
-        self._arm(time.monotonic() + self.config.client_keepalive_timeout)
+        self._deadline = time.monotonic() + self.config.client_keepalive_timeout
+        state.ticker.watch(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -102,7 +104,7 @@ class ClientConnection(asyncio.Protocol):
         if self._idle:
             self._idle = False
             self._cycle_started = time.monotonic()
-            self._arm(self._cycle_started + self.config.client_head_timeout)
+            self._deadline = self._cycle_started + self.config.client_head_timeout
         if self._reading_head:
             self._head_bytes += data
         self._h11.receive_data(data)
@@ -192,7 +194,7 @@ class ClientConnection(asyncio.Protocol):
         raw_head = bytes(self._head_bytes)
         self._head_bytes.clear()
         cfg = self.config
-        self._cancel_timer()  # the exchange owns the deadlines from here
+        self._deadline = 0.0  # the exchange owns the deadlines from here
         if request.http_version not in (b"1.0", b"1.1"):
             # h11 reads any HTTP/d.d; relay serves HTTP/1.0 and 1.1 only, and
             # must not forward an HTTP/2.0 or 0.9 request as if it were 1.1.
@@ -210,15 +212,16 @@ class ClientConnection(asyncio.Protocol):
         if problem is not None:
             self.send_error(RelayError(400, problem))
             return
+        fields = list(request.headers)  # (lower-case name, value), read once
         try:
-            check_request_headers(request.headers)
+            check_request_headers(fields)
         except RequestHeadProblem as exc:
             self.send_error(RelayError(exc.status, str(exc)))
             return
         if self.state.draining:
             self.send_error(RelayError(503, "relay is shutting down", "unavailable"))
             return
-        if self.checks_keys and not self.state.keys.allows(request.headers):
+        if self.checks_keys and not self.state.keys.allows(fields):
             self.send_error(
                 RelayError(
                     401,
@@ -231,18 +234,20 @@ class ClientConnection(asyncio.Protocol):
         if request.method == b"CONNECT":
             self.send_error(RelayError(405, "CONNECT is not supported", "method_not_allowed"))
             return
-        for name, value in request.headers:
+        for name, value in fields:
             if name == b"content-length" and int(value) > cfg.max_body_bytes:
                 self.send_error(RelayError(413, "request body too large", "request_too_large"))
                 return
         exchange = Exchange(
             self,
             request,
+            fields,
             config=cfg,
             router=self.state.router,
             metrics=self.state.metrics,
             waiting_for_continue=self._h11.they_are_waiting_for_100_continue,
-            inspect_budget=inspect_budget_for(self.state, cfg.max_inspect_bytes),
+            inspect_budget=self.state.inspect_budget,
+            ticker=self.state.ticker,
         )
         self.exchange = exchange
         exchange.start()
@@ -303,10 +308,10 @@ class ClientConnection(asyncio.Protocol):
             self._h11.receive_data(data)
             self._idle = False
             self._cycle_started = time.monotonic()
-            self._arm(self._cycle_started + self.config.client_head_timeout)
+            self._deadline = self._cycle_started + self.config.client_head_timeout
         else:
             self._idle = True
-            self._arm(time.monotonic() + self.config.client_keepalive_timeout)
+            self._deadline = time.monotonic() + self.config.client_keepalive_timeout
         if closed:
             self._h11.receive_data(b"")
         self._process()
@@ -370,23 +375,17 @@ class ClientConnection(asyncio.Protocol):
             )
 
     # -- deadlines --------------------------------------------------------------
-    def _arm(self, when: float) -> None:
-        self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
-
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = 0.0
+        self.state.ticker.unwatch(self)
 
     def _cancel_linger(self) -> None:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._closed or self.exchange is not None:
+    def on_tick(self, now: float) -> None:
+        if self._closed or self.exchange is not None or not self._deadline or now < self._deadline:
             return
         if self._idle:
             self.close()  # keep-alive expired: close quietly, as nginx does

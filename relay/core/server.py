@@ -297,6 +297,7 @@ class RelayServer:
         for task in self.health_tasks:
             task.cancel()
         state.router.close()
+        state.ticker.close()
         for server in self.admin_servers:
             server.close()
         for server in self.admin_servers + [

@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 from ..config import Config, ConfigError
 from ..http.auth import KeyRing, parse_key_file
+from ..http.rewrite import InspectBudget
 from .metrics import Metrics
+from .ticker import Ticker, tick_interval
 from .tls import TLSError, server_context, upstream_context
 from .upstream import Balancer, Router, UpstreamPool
 
@@ -70,6 +72,10 @@ class ServerState:
                 verify=config.upstream_tls_verify,
             )
         self.keys = KeyRing(load_keys(config))
+        # One periodic check for every deadline of this server.
+        self.ticker = Ticker(tick_interval(config))
+        # Request bodies held to read their model, all together.
+        self.inspect_budget = InspectBudget(config.max_inspect_bytes)
         pools = {
             address: UpstreamPool(
                 address,
@@ -77,6 +83,7 @@ class ServerState:
                 keepalive_timeout=config.upstream_keepalive_timeout,
                 max_idle=config.upstream_keepalive,
                 metrics=self.metrics,
+                ticker=self.ticker,
                 ssl_context=upstream_tls,
             )
             for address in config.all_upstreams

@@ -21,15 +21,17 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import h11
 
 from ..config import UpstreamAddress
+from ..http.modellist import MAX_MODEL_LIST_BYTES, parse_model_list
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .ticker import Ticker
 
 __all__ = [
     "Balancer",
@@ -39,6 +41,7 @@ __all__ = [
     "UpstreamConnection",
     "UpstreamPool",
     "fetch",
+    "fetch_model_lists",
 ]
 
 #: Longest passive ejection after repeated connect failures, seconds.
@@ -97,7 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner: UpstreamOwner | None = None
         self.exchanges = 0  # how many exchanges it has carried (1+ means reused)
         self.reading_paused = False  # the owner's client is not keeping up
-        self._expiry: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when it entered the pool
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -160,16 +163,10 @@ class UpstreamConnection(asyncio.Protocol):
         previous = self.state
         self.state = State.CLOSED
         self.owner = None
-        self._cancel_expiry()
         if previous is State.IDLE:
             self.pool.forget(self)
         elif previous is State.ACTIVE:
             self.pool.active -= 1
-
-    def _cancel_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
 
 
 class UpstreamPool:
@@ -183,15 +180,21 @@ class UpstreamPool:
         keepalive_timeout: float,
         max_idle: int,
         metrics: Metrics,
+        ticker: Ticker,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self.name = str(address)  # the metrics label, made once
         self.connect_timeout = connect_timeout
         self.keepalive_timeout = keepalive_timeout
         self.max_idle = max_idle
         self.metrics = metrics
         self.ssl_context = ssl_context
-        self._idle: list[UpstreamConnection] = []
+        self._ticker = ticker
+        # Idle connections expire a tick early, so that they are always gone
+        # before the upstream's own keep-alive timeout closes them.
+        self._idle_limit = max(keepalive_timeout - ticker.interval, keepalive_timeout / 2)
+        self._idle: list[UpstreamConnection] = []  # oldest first; reuse takes the newest
         self.active = 0
         # Balancing and health: requests assigned and not finished, passive
         # ejection after connect failures, and the active check's verdict.
@@ -232,14 +235,22 @@ class UpstreamPool:
 
         Raises :class:`ConnectTimeout` or :class:`ConnectError`.
         """
-        while self._idle and not fresh:
-            conn = self._idle.pop()
-            conn._cancel_expiry()
+        if not fresh:
+            conn = self.acquire_idle(owner)
+            if conn is not None:
+                return conn
+        return self._activate(await self._connect(), owner)
+
+    def acquire_idle(self, owner: UpstreamOwner) -> UpstreamConnection | None:
+        """The most recently pooled open connection, ``ACTIVE`` for ``owner``; or None."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
             if not conn.transport.is_closing():
                 self.metrics.upstream_reused += 1
                 return self._activate(conn, owner)
             conn.close()
-        return self._activate(await self._connect(), owner)
+        return None
 
     def _activate(self, conn: UpstreamConnection, owner: UpstreamOwner) -> UpstreamConnection:
         conn.state = State.ACTIVE
@@ -296,17 +307,21 @@ class UpstreamPool:
         conn.owner = None
         conn.resume_reading()
         conn.state = State.IDLE
-        loop = asyncio.get_running_loop()
-        conn._expiry = loop.call_later(self.keepalive_timeout, self._expire, conn)
+        conn.idle_since = time.monotonic()
         self._idle.append(conn)
+        self._ticker.watch(self)
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Close an ``ACTIVE`` connection that must never be reused."""
         self.release(conn, reusable=False)
 
-    def _expire(self, conn: UpstreamConnection) -> None:
-        conn._expiry = None
-        conn.close()
+    def on_tick(self, now: float) -> None:
+        """Close the connections idle for too long (the oldest are first)."""
+        idle = self._idle
+        while idle and now - idle[0].idle_since >= self._idle_limit:
+            idle[0].close()  # forget() takes it off the list
+        if not idle:
+            self._ticker.unwatch(self)
 
     def forget(self, conn: UpstreamConnection) -> None:
         """Drop ``conn`` from the idle list (it closed or expired)."""
@@ -317,6 +332,7 @@ class UpstreamPool:
         """Close every idle connection (shutdown)."""
         for conn in list(self._idle):
             conn.close()
+        self._ticker.unwatch(self)
 
 
 class Balancer:
@@ -397,6 +413,44 @@ async def fetch(
                     return status, bytes(body)
         finally:
             writer.close()
+
+
+#: How long relay waits for each upstream's model list.
+MODEL_LIST_TIMEOUT = 5.0
+
+
+async def fetch_model_lists(
+    pools: Iterable[UpstreamPool], target: bytes, headers: Sequence[tuple[bytes, bytes]]
+) -> list[list[dict[str, Any]]]:
+    """Every upstream's model list, asked at once (each bounded in time and size).
+
+    An upstream that fails or answers something else is logged and left out.
+    """
+    pools = list(pools)
+    answers = await asyncio.gather(
+        *(
+            fetch(
+                pool,
+                target,
+                [(b"host", pool.address.authority.encode("ascii")), *headers],
+                timeout=MODEL_LIST_TIMEOUT,
+                limit=MAX_MODEL_LIST_BYTES,
+            )
+            for pool in pools
+        ),
+        return_exceptions=True,
+    )
+    lists = []
+    for pool, answer in zip(pools, answers, strict=True):
+        entries = None
+        if isinstance(answer, tuple) and answer[0] == 200:
+            entries = parse_model_list(answer[1])
+        if entries is None:
+            problem = answer if isinstance(answer, BaseException) else "no model list"
+            log.warning("upstream %s: %s for %r", pool.address, problem, target)
+        else:
+            lists.append(entries)
+    return lists
 
 
 class Router:

@@ -28,6 +28,7 @@ __all__ = [
     "is_event_stream",
     "is_json_or_untyped",
     "origin_form",
+    "request_head",
     "request_headers_for_upstream",
     "response_head",
     "response_headers_for_client",
@@ -51,6 +52,10 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 # Expect is answered by relay itself (it sends 100 Continue when it is ready
 # for the body), so the upstream never waits for a continue of its own.
 _REQUEST_ONLY_DROPS = frozenset({b"trailer", b"expect"})
+_REQUEST_DROPS = _HOP_BY_HOP | _FRAMING | _REQUEST_ONLY_DROPS
+_RESPONSE_DROPS = _HOP_BY_HOP | _FRAMING
+#: List fields relay appends its own entry to (duplicate lines merged).
+_LISTS_ADDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"via"})
 
 #: Field values are VCHAR / obs-text / SP / HTAB (RFC 9110 §5.5). h11 admits
 #: other control bytes; relay refuses them rather than pass them on.
@@ -72,13 +77,13 @@ class RequestHeadProblem(ValueError):
         self.status = status
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        if len(name) == 10 and name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
     tokens.discard(b"")
-    return tokens
+    return frozenset(tokens)
 
 
 def has_token(headers: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
@@ -157,14 +162,6 @@ def check_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
         raise RequestHeadProblem("both Content-Length and Transfer-Encoding")
 
 
-def _append_list(headers: HeaderList, name: bytes, item: bytes) -> None:
-    """Append ``item`` to comma-list header ``name``, merging duplicate lines."""
-    values = [v for n, v in headers if n.lower() == name]
-    headers[:] = [(n, v) for n, v in headers if n.lower() != name]
-    values.append(item)
-    headers.append((name, b", ".join(values)))
-
-
 def request_headers_for_upstream(
     raw_headers: Iterable[tuple[bytes, bytes]],
     *,
@@ -186,27 +183,32 @@ def request_headers_for_upstream(
     """
     raw_headers = list(raw_headers)
     named = _connection_tokens(raw_headers)
+    drop = _REQUEST_DROPS | named if named else _REQUEST_DROPS
+    if strip_credentials or upstream_key:
+        drop = drop | _CREDENTIALS
     out: HeaderList = []
+    # The list fields relay adds to, collected in one pass and merged below.
+    lists: dict[bytes, list[bytes]] = {}
     has_host = False
-    for name, value in raw_headers:
-        lower = name.lower()
-        if (
-            lower in _HOP_BY_HOP
-            or lower in _FRAMING
-            or lower in _REQUEST_ONLY_DROPS
-            or lower in named
-        ):
+    for pair in raw_headers:
+        lower = pair[0].lower()
+        if lower in drop:
+            continue
+        if lower in _LISTS_ADDED:
+            lists.setdefault(lower, []).append(pair[1])
             continue
         if lower == b"host":
             has_host = True
-        elif (strip_credentials or upstream_key) and lower in _CREDENTIALS:
-            continue
-        out.append((name, value))
+        out.append(pair)
     if not has_host:
         out.insert(0, (b"host", upstream_authority.encode("ascii")))
-    _append_list(out, b"x-forwarded-for", client_host.encode("ascii"))
-    _append_list(out, b"x-forwarded-proto", scheme.encode("ascii"))
-    _append_list(out, b"via", VIA)
+    for name, item in (
+        (b"x-forwarded-for", client_host.encode("ascii")),
+        (b"x-forwarded-proto", scheme.encode("ascii")),
+        (b"via", VIA),
+    ):
+        earlier = lists.get(name)
+        out.append((name, b", ".join([*earlier, item]) if earlier else item))
     if upstream_key:
         out.append((b"authorization", b"Bearer " + upstream_key.encode("latin-1")))
     return out
@@ -245,23 +247,43 @@ def response_headers_for_client(
     """
     raw_headers = list(raw_headers)
     named = _connection_tokens(raw_headers)
+    drop = _HOP_BY_HOP if keep_framing else _RESPONSE_DROPS
+    if named:
+        drop = drop | named
     out: HeaderList = []
-    accel = False
-    for name, value in raw_headers:
-        lower = name.lower()
-        if lower in _HOP_BY_HOP or lower in named:
+    vias: list[bytes] = []
+    accel = event_stream = False
+    for pair in raw_headers:
+        lower = pair[0].lower()
+        if lower in drop or (lower == b"trailer" and not keep_trailer):
             continue
-        if lower in _FRAMING and not keep_framing:
-            continue
-        if lower == b"trailer" and not keep_trailer:
+        if lower == b"via":
+            vias.append(pair[1])
             continue
         if lower == b"x-accel-buffering":
             accel = True
-        out.append((name, value))
-    if not accel and is_event_stream(out):
+        elif lower == b"content-type" and not event_stream:
+            event_stream = pair[1].split(b";", 1)[0].strip().lower() == b"text/event-stream"
+        out.append(pair)
+    if event_stream and not accel:
         out.append((b"x-accel-buffering", b"no"))
-    _append_list(out, b"via", VIA)
+    vias.append(VIA)
+    out.append((b"via", b", ".join(vias)))
     return out
+
+
+def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Serialize an HTTP/1.1 request head from fields relay already validated.
+
+    The method and target come from h11's parse of the client's request, the
+    fields from :func:`request_headers_for_upstream` (the client's fields,
+    which h11 validated, and relay's own): nothing here needs checking again.
+    """
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def response_head(

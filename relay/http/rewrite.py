@@ -35,7 +35,6 @@ from __future__ import annotations
 import enum
 import json
 import re
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -47,8 +46,6 @@ __all__ = [
     "ModelScanner",
     "Rewrite",
     "ScanStatus",
-    "add_aliases_to_model_list",
-    "inspect_budget_for",
     "load_model_map_file",
     "parse_model_map_item",
     "rewrite_model",
@@ -487,40 +484,6 @@ class InspectHold:
     def release(self) -> None:
         self._budget.held -= self.size
         self.size = 0
-
-
-_BUDGETS: weakref.WeakKeyDictionary[object, InspectBudget] = weakref.WeakKeyDictionary()
-
-
-def inspect_budget_for(owner: object, limit: int) -> InspectBudget:
-    """The :class:`InspectBudget` of ``owner`` (a server's shared state), made on first use."""
-    budget = _BUDGETS.get(owner)
-    if budget is None:
-        budget = _BUDGETS[owner] = InspectBudget(limit)
-    return budget
-
-
-def add_aliases_to_model_list(body: bytes, model_map: ModelMap) -> bytes:
-    """An OpenAI ``/v1/models`` list with the aliases appended as models.
-
-    Clients that check the list before calling find their alias. Each alias
-    entry says what it maps to in ``root`` (the field vLLM and SGLang use for
-    a served model's origin). Anything that is not such a list is returned
-    unchanged.
-    """
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(document, dict) or not isinstance(document.get("data"), list):
-        return body
-    known = {entry.get("id") for entry in document["data"] if isinstance(entry, dict)}
-    for alias, target in model_map.aliases.items():
-        if alias not in known:
-            document["data"].append(
-                {"id": alias, "object": "model", "created": 0, "owned_by": "relay", "root": target}
-            )
-    return json.dumps(document, ensure_ascii=False).encode("utf-8")
 
 
 def parse_model_map_item(text: str) -> tuple[str, str]:

@@ -220,11 +220,9 @@ def test_a_bad_later_chunk_aborts_the_upstream_request_unfinished(loop_kind):
 def test_bodies_held_for_inspection_are_bounded_server_wide(loop_kind):
     """Past --max-inspect-bytes new inspected bodies get 503 (413 if one alone is too big)."""
 
-    from relay.http.rewrite import inspect_budget_for
-
     async def main():
         async with setup(echo, model_map=ALIASES, max_inspect_bytes=1000) as (up, relay):
-            budget = inspect_budget_for(relay.state, 1000)
+            budget = relay.state.inspect_budget
             body = b'{"model":"gpt-4o","p":"' + b"x" * 700 + b'"}'
             first_r, first_w = await connect(relay)
             first_w.write(request_bytes(body=body)[:-100])  # 600+ bytes held, not complete

@@ -161,7 +161,7 @@ def test_pending_handshakes_are_counted_limited_and_timed_out(
         loop_kind=loop_kind,
         tls_cert=str(pem),
         max_connections=silent,
-        client_head_timeout=2.0,
+        client_head_timeout=3.0,
     ) as relay:
         with handshake(relay.port, ca):
             pass  # uvloop opens a descriptor of its own on first use: not ours to count
