@@ -118,6 +118,7 @@ def log_exchange(
     ttft_s: float | None,
     total_s: float,
     ending: str,
+    fidelity: dict[str, Any] | None = None,
 ) -> None:
     """Write the access line for one finished exchange (if INFO is enabled)."""
     if not access.isEnabledFor(logging.INFO):
@@ -139,5 +140,7 @@ def log_exchange(
         "total_ms": _ms(total_s),
         "ending": ending,
     }
+    if fidelity:  # stream fidelity (#15): coalesced, keepalives, body_sha256, cancel_*
+        fields.update(fidelity)
     text = " ".join(f"{k}={text_value(v)}" for k, v in fields.items() if v is not None)
     access.info(text, extra={"fields": fields})

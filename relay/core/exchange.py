@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 import h11
 
 from ..http.errors import RelayError
+from ..http.fidelity import ending_for_status
 from ..http.framing import (
     LAST_CHUNK,
     BodyFramer,
@@ -64,6 +65,7 @@ from ..http.rewrite import (
     rewrite_pieces,
 )
 from .accesslog import log_exchange
+from .fidelity import StreamWatch
 from .upstream import (
     ConnectError,
     ConnectTimeout,
@@ -123,6 +125,7 @@ class Ending(enum.Enum):
     UPSTREAM_CUT = "upstream_cut"
     TIMEOUT = "timeout"
     ERROR = "error"
+    LIMIT = "limit"  # a size or rate limit ended it (413, 429)
 
 
 class Exchange:
@@ -185,6 +188,8 @@ class Exchange:
         self._head_at: float | None = None
         self._first_byte_at: float | None = None
         self._observe_gap = metrics.upstream_read_gap.observe
+        self._fid = StreamWatch(config, metrics)  # fidelity (#15): see core/fidelity.py
+        self._client_backlog = client.transport.get_write_buffer_size  # fidelity (#15)
         metrics.active_exchanges += 1
 
         headers = request_headers_for_upstream(
@@ -557,6 +562,9 @@ class Exchange:
                 return
             if taken:
                 self.bytes_to_client += taken
+                backlog = self._client_backlog()  # fidelity (#15): > 0 means coalesced
+                if backlog or self._fid.per_read:  # fidelity (#15)
+                    self._fid.read(data, taken, backlog, self.pool)
                 self._write_body(data if taken == len(data) else data[:taken])
             if framer.complete:
                 if taken != len(data):
@@ -649,6 +657,7 @@ class Exchange:
             if framing == ClientFraming.RECHUNK:
                 write = self._rechunk_writer()
         self._write_body = write
+        self._fid.head(status, event.headers, plan.body, framing, self._framer)  # fidelity (#15)
         self._rechunked = framing == ClientFraming.RECHUNK
         self._upstream_reusable = (
             self._framer.reusable
@@ -768,7 +777,7 @@ class Exchange:
             return
         self.status = error.status
         self._close_upstream()
-        self._end(Ending.ERROR if error.status != 504 else Ending.TIMEOUT)
+        self._end(Ending(ending_for_status(error.status)))  # fidelity (#15): 408/413/429 too
         self.client.send_error(error)
 
     def abort(self, ending: Ending = Ending.CLIENT_GONE) -> None:
@@ -777,6 +786,7 @@ class Exchange:
             return
         if ending is Ending.CLIENT_GONE:
             self.metrics.client_disconnects += 1
+            self._fid.cancel(self._upstream, self._close_upstream)  # fidelity (#15): timed
         self._close_upstream()
         self._end(ending)
 
@@ -809,6 +819,7 @@ class Exchange:
             ttft_s=None if self._first_byte_at is None else self._first_byte_at - self._sent_at,
             total_s=now - self.started,
             ending=ending.value,
+            fidelity=self._fid.end(ending.value),  # fidelity (#15): counts the ending too
         )
         if self._timer is not None:
             self._timer.cancel()
@@ -856,6 +867,8 @@ class Exchange:
                 deadlines.append(self._client_paused_since + cfg.client_send_timeout)
             else:
                 deadlines.append(self._last_upstream_byte + cfg.upstream_idle_timeout)
+                if self._fid.keepalive_on:  # fidelity (#15): an SSE keep-alive comment is due
+                    deadlines.append(self._fid.keepalive_due(self._last_upstream_byte))
         elif self.phase is Phase.CONNECTING:
             deadlines.append(time.monotonic() + cfg.upstream_connect_timeout + 1.0)
         return min(deadlines)
@@ -893,6 +906,8 @@ class Exchange:
                 self.metrics.timeouts += 1
                 self._cut("upstream idle timeout mid-body")
                 return
+            if paused is None and self._fid.keepalive_on:  # fidelity (#15)
+                self._fid.keepalive(self.client.transport.write, now, self._last_upstream_byte)
         self._rearm()
 
     @property
