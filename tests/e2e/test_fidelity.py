@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import json
 import logging
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 
+import aiohttp
+import openai
 import pytest
 from harness import (
     CHUNKED_HEAD,
@@ -29,6 +34,8 @@ from harness import (
     setup,
     sse_chunk,
 )
+from relayfixture import RelayThread
+from sglang_app import SGLangServer
 
 from relay.core.metrics import Metrics
 from relay.http.fidelity import ENDINGS, KEEPALIVE_COMMENT
@@ -440,3 +447,87 @@ def test_test_stream_sits_behind_the_api_keys_and_answers_bad_requests_clearly(l
             assert b" 502 " in proxied  # not the test stream: the (absent) upstream's
 
     run(loop_kind, main)
+
+
+# -- real clients ignore the keep-alive comments ----------------------------------------------
+KEEPALIVE_BODY = {
+    "model": "test-model",
+    "messages": [{"role": "user", "content": "hi"}],
+    "stream": True,
+    "max_tokens": 3,
+    "test_ttft_ms": 400,
+    "test_gap_ms": 250,
+}
+KEEPALIVE_TEXT = " tok0 tok1 tok2"
+
+
+@pytest.fixture
+def keepalive_relay():
+
+    sglang = SGLangServer().start()
+    try:
+        with RelayThread(sglang.url, sse_keepalive=0.1) as relay:
+            yield relay
+    finally:
+        sglang.stop()
+
+
+def test_openai_aiohttp_and_curl_ignore_keepalive_comments(keepalive_relay):
+    """The openai SDK, aiohttp (reading SSE lines) and curl get exactly the upstream's
+    tokens from a stream that carried keep-alive comments."""
+
+    relay = keepalive_relay
+
+    async def with_openai() -> str:
+        client = openai.AsyncOpenAI(
+            base_url=f"{relay.url}/v1", api_key="unused", max_retries=0, timeout=20
+        )
+        text = ""
+        stream = await client.chat.completions.create(
+            model="test-model",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            max_tokens=3,
+            extra_body={"test_ttft_ms": 400, "test_gap_ms": 250},
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+        await client.close()
+        return text
+
+    async def with_aiohttp() -> str:
+        text = ""
+        timeout = aiohttp.ClientTimeout(total=20)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            url = f"{relay.url}/v1/chat/completions"
+            async with session.post(url, json=KEEPALIVE_BODY) as response:
+                assert response.status == 200
+                async for line in response.content:
+                    if line.startswith(b"data: {"):
+                        delta = json.loads(line[6:])["choices"][0]["delta"]
+                        text += delta.get("content") or ""
+        return text
+
+    assert asyncio.run(with_openai()) == KEEPALIVE_TEXT
+    first = relay.metrics().sse_keepalives
+    assert first > 0
+    assert asyncio.run(with_aiohttp()) == KEEPALIVE_TEXT
+    second = relay.metrics().sse_keepalives
+    assert second > first
+    curl = shutil.which("curl")
+    if curl is not None:
+        result = subprocess.run(
+            [curl, "-sS", "-N", "--max-time", "20", "-H", "Content-Type: application/json",
+             "-d", json.dumps(KEEPALIVE_BODY), f"{relay.url}/v1/chat/completions"],
+            capture_output=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert b": keep-alive\n\n" in result.stdout
+        contents = [
+            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            for line in result.stdout.split(b"\n")
+            if line.startswith(b"data: {")
+        ]
+        assert "".join(contents) == KEEPALIVE_TEXT
+        assert relay.metrics().sse_keepalives > second
