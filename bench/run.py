@@ -172,7 +172,13 @@ def saturation() -> dict[str, dict[str, Any]]:
     os.sched_setaffinity(0, {1})
     streamer = start_streamer({1})
     try:
-        for name, start in (("relay", start_relay), ("nginx", start_nginx)):
+
+        def fidelity(port: int, cpus: set[int]) -> Peer:
+            # The opt-in stream-fidelity flags (#15); the always-on checks are in "relay".
+            return start_relay(port, cpus, "--body-digest", "--sse-keepalive", "15s")
+
+        peers = (("relay", start_relay), ("relay-fidelity", fidelity), ("nginx", start_nginx))
+        for name, start in peers:
             peer = start(streamer.port, {0})
             if peer is None:
                 continue

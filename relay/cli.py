@@ -196,6 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the effective configuration (secrets masked) and exit",
     )
+    # Stream fidelity (#15): the metrics are always on; these add to them.
+    fidelity = parser.add_argument_group("stream fidelity")
+    fidelity.add_argument(
+        "--body-digest",
+        action="store_true",
+        help="put the SHA-256 of each response body relay forwarded in the access line "
+        "(body_sha256)",
+    )
+    fidelity.add_argument(
+        "--sse-keepalive",
+        metavar="DURATION",
+        help="send an SSE comment (: keep-alive) after an event stream's upstream has been "
+        "silent this long, at an event boundary (off by default; relay adds bytes)",
+    )
+    fidelity.add_argument(
+        "--test-stream",
+        metavar="PATH",
+        help="serve relay's own paced SSE stream under PATH on the listener, for "
+        "relay probe https://host/PATH (off by default; behind the API keys)",
+    )
     parser.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -261,6 +281,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     except KeyListError as exc:
         raise ConfigError(KEYS_ENV, str(exc)) from None
     values["upstream_api_key"] = _upstream_key(args)
+    # Stream fidelity (#15).
+    values["body_digest"] = args.body_digest
+    if args.sse_keepalive is not None:
+        values["sse_keepalive"] = parse_duration(args.sse_keepalive, "--sse-keepalive")
+    values["test_stream"] = args.test_stream
     for spec in dataclasses.fields(Config):
         meta = spec.metadata
         text = getattr(args, spec.name, None) if "flag" in meta else None
@@ -549,6 +574,13 @@ def describe_config(config: Config) -> str:
     add("--log-format", config.log_format)
     add("--loop", config.loop)
     add("--log-level", config.log_level)
+    # Stream fidelity (#15).
+    if config.body_digest:
+        add("--body-digest")
+    if config.sse_keepalive is not None:
+        add("--sse-keepalive", _show_default(config.sse_keepalive, "duration"))
+    if config.test_stream is not None:
+        add("--test-stream", config.test_stream)
     if config.api_keys:
         count = len(config.api_keys)
         lines.append(f"# {KEYS_ENV}: {count} key{'s' if count != 1 else ''} (masked)")

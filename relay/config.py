@@ -230,6 +230,10 @@ class Config:
     upstream_api_key: str | None = field(default=None, repr=False)
     loop: str = "auto"
     log_level: str = "info"
+    # Stream fidelity (#15); the metrics are always on, these are opt-in.
+    body_digest: bool = False  # SHA-256 of the forwarded body in the access line
+    sse_keepalive: float | None = None  # seconds of upstream silence before ": keep-alive"
+    test_stream: str | None = None  # path on the public listener serving a paced stream
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
@@ -278,6 +282,18 @@ class Config:
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(
                 "--log-level", f"must be debug, info, warning or error, got {self.log_level!r}"
+            )
+
+        # Stream fidelity (#15).
+        if self.sse_keepalive is not None and not self.sse_keepalive > 0:
+            raise ConfigError("--sse-keepalive", "must be a positive duration")
+        if self.test_stream is not None and (
+            not self.test_stream.startswith("/")
+            or self.test_stream.rstrip("/") in ("", "/v1")
+            or any(c in self.test_stream for c in "?# ")
+        ):
+            raise ConfigError(
+                "--test-stream", "must be a path of its own such as /relay-test-stream"
             )
 
     @property

@@ -145,6 +145,7 @@ def log_exchange(
     ttft_s: float | None,
     total_s: float,
     ending: str,
+    fidelity: dict[str, Any] | None = None,
 ) -> None:
     """Write the access line for one finished exchange (if INFO is enabled)."""
     if not access.isEnabledFor(logging.INFO):
@@ -167,6 +168,8 @@ def log_exchange(
         "total_ms": _ms(total_s),
         "ending": ending,
     }
+    if fidelity:  # stream fidelity (#15): coalesced, keepalives, body_sha256, cancel_*
+        fields.update(fidelity)
     # makeRecord + handle, rather than info(): the caller's file and line are
     # not part of an access line, and looking them up costs a stack walk.
     record = access.makeRecord(access.name, logging.INFO, "", 0, AccessLine(fields), (), None)

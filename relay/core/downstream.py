@@ -24,6 +24,7 @@ import h11
 from ..http.errors import RelayError, error_response, protocol_error_message
 from ..http.headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
 from .exchange import Ending, Exchange, Phase
+from .teststream import serve_test_stream
 from .upstream import set_nodelay
 
 if TYPE_CHECKING:
@@ -238,6 +239,9 @@ class ClientConnection(asyncio.Protocol):
             if name == b"content-length" and int(value) > cfg.max_body_bytes:
                 self.send_error(RelayError(413, "request body too large", "request_too_large"))
                 return
+        # fidelity (#15): relay's own paced stream (--test-stream), behind the key check.
+        if cfg.test_stream is not None and serve_test_stream(self, request, self._h11):
+            return
         exchange = Exchange(
             self,
             request,
@@ -258,10 +262,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if exchange.request_bytes + len(data) > self.config.max_body_bytes:
             if exchange.phase is Phase.BODY:
-                exchange.abort(Ending.ERROR)
+                exchange.abort(Ending.LIMIT)  # fidelity (#15): a limit, not an error
                 self.close()
             else:
-                exchange.abort(Ending.ERROR)
+                exchange.abort(Ending.LIMIT)  # fidelity (#15): a limit, not an error
                 self.send_error(RelayError(413, "request body too large", "request_too_large"))
             return
         exchange.request_data(data)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 import h11
 
 from ..http.errors import RelayError
+from ..http.fidelity import ending_for_status
 from ..http.framing import (
     LAST_CHUNK,
     BodyFramer,
@@ -62,6 +63,7 @@ from ..http.inspection import BodyInspection
 from ..http.modellist import merge_model_lists
 from ..http.rewrite import InspectBudget
 from .accesslog import log_exchange
+from .fidelity import StreamWatch
 from .upstream import (
     ConnectError,
     ConnectTimeout,
@@ -127,6 +129,7 @@ class Ending(enum.Enum):
     UPSTREAM_CUT = "upstream_cut"
     TIMEOUT = "timeout"
     ERROR = "error"
+    LIMIT = "limit"  # a size or rate limit ended it (413, 429)
 
 
 class Exchange:
@@ -190,6 +193,10 @@ class Exchange:
         self._head_at: float | None = None
         self._first_byte_at: float | None = None
         self._observe_gap = metrics.upstream_read_gap.observe
+        # Stream fidelity (core/fidelity.py): coalescing, endings, cancellation,
+        # the opt-in body digest and SSE keep-alive comments.
+        self._fid = StreamWatch(config, metrics)
+        self._client_backlog = client.transport.get_write_buffer_size
 
         headers = request_headers_for_upstream(
             request.headers.raw_items(),
@@ -500,6 +507,9 @@ class Exchange:
                 return
             if taken:
                 self.bytes_to_client += taken
+                backlog = self._client_backlog()  # > 0: this read cannot go out on its own
+                if backlog or self._fid.per_read:
+                    self._fid.read(data, taken, backlog, self.pool)
                 self._write_body(data if taken == len(data) else data[:taken])
             if framer.complete:
                 if taken != len(data):
@@ -592,6 +602,7 @@ class Exchange:
                 self._rechunked = True
                 write = client.transport.write
                 self._write_body = lambda data: write(encode_chunk(data))
+        self._fid.head(status, raw, plan.body, framing, self._framer)
         self._upstream_reusable = (
             self._framer.reusable
             and conn.their_http_version == b"1.1"
@@ -691,7 +702,7 @@ class Exchange:
             return
         self.status = error.status
         self._close_upstream()
-        self._end(Ending.ERROR if error.status != 504 else Ending.TIMEOUT)
+        self._end(Ending(ending_for_status(error.status)))
         self.client.send_error(error)
 
     def abort(self, ending: Ending = Ending.CLIENT_GONE) -> None:
@@ -700,6 +711,7 @@ class Exchange:
             return
         if ending is Ending.CLIENT_GONE:
             self.metrics.client_disconnects += 1
+            self._fid.cancel(self._upstream, self._close_upstream)  # timed and counted
         self._close_upstream()
         self._end(ending)
 
@@ -734,6 +746,7 @@ class Exchange:
             ttft_s=None if self._first_byte_at is None else self._first_byte_at - sent,
             total_s=time.monotonic() - self.started,
             ending=ending.value,
+            fidelity=self._fid.end(ending.value),  # counts the ending too
         )
         task, self._task = self._task, None
         if task is not None:
@@ -779,6 +792,8 @@ class Exchange:
             elif now - self._last_upstream_byte >= cfg.upstream_idle_timeout:
                 self.metrics.timeouts += 1
                 self._cut("upstream idle timeout mid-body")
+            elif self._fid.keepalive_on:  # an SSE keep-alive comment may be due
+                self._fid.keepalive(self.client.transport.write, now, self._last_upstream_byte)
 
     def _describe(self) -> str:
         return f"{self.request.method.decode('ascii', 'replace')} {self.request.target!r}"

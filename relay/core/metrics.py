@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..http.fidelity import ENDINGS
+
 __all__ = ["Gauges", "Histogram", "Metrics", "merge_gauges"]
 
 #: Point-in-time values: name -> [(labels, value)].
@@ -22,6 +24,10 @@ Gauges = dict[str, list[tuple[str, float]]]
 # Seconds. Time to head and TTFT span queueing (minutes); gaps are tokens (ms).
 SLOW_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 5, 30)
+# Bytes a coalesced read found still queued for the client; seconds to stop a
+# departed client's upstream (relay closes it in the same callback: microseconds).
+BACKLOG_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144)
+CANCEL_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 
 
 class Histogram:
@@ -74,6 +80,14 @@ class Metrics:
     bytes_from_clients: int = 0
     bytes_to_clients: int = 0
     active_exchanges: int = 0
+    # Stream fidelity (#15): coalesced reads by (upstream,), endings by
+    # (ending, stream), what a departed client's upstream sent, keep-alives.
+    coalesced_reads: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    endings: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    cancel_upstream_bytes: int = 0
+    sse_keepalives: int = 0
+    coalesced_backlog: Histogram = field(default_factory=lambda: Histogram(BACKLOG_BUCKETS))
+    cancel_time: Histogram = field(default_factory=lambda: Histogram(CANCEL_BUCKETS))
     time_to_head: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     time_to_first_byte: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     upstream_read_gap: Histogram = field(default_factory=lambda: Histogram(GAP_BUCKETS))
@@ -86,7 +100,7 @@ class Metrics:
             if isinstance(value, Histogram):
                 out[spec.name] = {"counts": value.counts, "total": value.total}
             elif isinstance(value, Counter):
-                out[spec.name] = [[up, status, n] for (up, status), n in value.items()]
+                out[spec.name] = [[*key, n] for key, n in value.items()]
             else:
                 out[spec.name] = value
         return out
@@ -104,8 +118,9 @@ class Metrics:
                     current.counts = [int(n) for n in value["counts"]]
                     current.total = float(value["total"])
             elif isinstance(current, Counter):
-                for up, status, n in value:
-                    current[(str(up), int(status))] += int(n)
+                # JSON keeps each key part's type (upstream str, status int).
+                for *key, n in value:
+                    current[tuple(key)] += int(n)
             else:
                 setattr(metrics, spec.name, int(value))
         return metrics
@@ -152,6 +167,11 @@ class Metrics:
                 for labels, value in samples
             ]
             metric(name, "gauge", _GAUGE_HELP.get(name, name), lines)
+        # Stream fidelity (#15).
+        for name, (_, text) in _FIDELITY_COUNTERS.items():
+            metric(name, "counter", text, _fidelity_samples(self, name))
+        for name, attribute, text in _FIDELITY_HISTOGRAMS:
+            metric(name, "histogram", text, getattr(self, attribute).render(name))
         for name, attribute, text in _HISTOGRAMS:
             metric(name, "histogram", text, getattr(self, attribute).render(name))
         return "\n".join(out) + "\n"
@@ -209,6 +229,49 @@ _HISTOGRAMS = [
     ("relay_upstream_read_gap_seconds", "upstream_read_gap",
      "Gap between consecutive upstream body reads (inter-token latency)."),
 ]  # fmt: skip
+_FIDELITY_COUNTERS = {
+    "relay_coalesced_reads_total": (
+        "coalesced_reads",
+        "Upstream reads that could not go out on their own: the client's transport "
+        "still held earlier bytes (slow client or network, or relay behind).",
+    ),
+    "relay_stream_endings_total": (
+        "endings",
+        "Exchanges by ending (as the access line's ending field) and whether the "
+        "response was an event stream.",
+    ),
+    "relay_cancel_upstream_bytes_total": (
+        "cancel_upstream_bytes",
+        "Bytes a departed client's upstream had sent that relay dropped unread when it "
+        "closed that upstream connection.",
+    ),
+    "relay_sse_keepalives_total": (
+        "sse_keepalives",
+        "SSE keep-alive comments relay sent while the upstream was silent (--sse-keepalive).",
+    ),
+}
+_FIDELITY_HISTOGRAMS = [
+    ("relay_coalesced_backlog_bytes", "coalesced_backlog",
+     "Bytes still queued for the client when a coalesced read arrived (how late it went out)."),
+    ("relay_cancel_seconds", "cancel_time",
+     "Time from relay noticing a client left mid-response to its upstream connection closed."),
+]  # fmt: skip
+
+
+def _fidelity_samples(metrics: Metrics, name: str) -> list[str]:
+    """The samples of one fidelity counter; every ending kind appears, zero or not."""
+    value = getattr(metrics, _FIDELITY_COUNTERS[name][0])
+    if name == "relay_coalesced_reads_total":
+        return [f'{name}{{upstream="{up}"}} {n}' for (up,), n in sorted(value.items())]
+    if name == "relay_stream_endings_total":
+        return [
+            f'{name}{{ending="{ending}",stream="{stream}"}} {value[ending, stream]}'
+            for ending in ENDINGS
+            for stream in ("true", "false")
+        ]
+    return [f"{name} {value}"]
+
+
 _GAUGE_HELP = {
     "relay_active_exchanges": "Exchanges in flight.",
     "relay_client_connections": "Open client connections.",

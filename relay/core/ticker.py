@@ -39,6 +39,7 @@ def tick_interval(config: Config) -> float:
         config.upstream_head_timeout,
         config.upstream_idle_timeout,
         config.upstream_keepalive_timeout,
+        config.sse_keepalive or MAX_INTERVAL,
     )
     return max(MIN_INTERVAL, min(MAX_INTERVAL, shortest / 4))
 

@@ -204,6 +204,11 @@ class ChunkedFramer(BodyFramer):
                 break
         return pos
 
+    @property
+    def between_chunks(self) -> bool:
+        """Whether the bytes fed so far end right after a whole chunk (or at the start)."""
+        return self._state == _SIZE and not self._line
+
     def _take_line(self, data: bytes, pos: int, limit: int, prefix: re.Pattern[bytes]) -> int:
         """Append to the partial line up to and including LF; return the new position."""
         eol = data.find(b"\n", pos)

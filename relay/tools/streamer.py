@@ -8,9 +8,11 @@ one SSE event per chunk (``burst`` events per write), scheduled with
 by all processes of one machine, so a client can compute the latency added
 on the way as its own arrival time minus that stamp.
 
-Endpoints: ``POST /v1/chat/completions`` and ``/v1/completions`` (streaming
-or not), ``GET /v1/models``, ``GET /health``. Per-request overrides in the
-JSON body: ``max_tokens``, ``relay_ttft_ms``, ``relay_gap_ms``, ``relay_burst``.
+The events come from :mod:`relay.http.streamevents`, which relay's own
+``--test-stream`` uses too. Endpoints: ``POST /v1/chat/completions`` and
+``/v1/completions`` (streaming or not), ``GET /v1/models``, ``GET /health``.
+Per-request overrides in the JSON body: ``max_tokens``, ``relay_ttft_ms``,
+``relay_gap_ms``, ``relay_burst``.
 """
 
 from __future__ import annotations
@@ -21,27 +23,21 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import cast
 
 import h11
 
 from ..cliparse import OneLineParser
+from ..http.streamevents import (
+    EventBuilder,
+    StreamerSettings,
+    completion_document,
+    overrides,
+)
 
 __all__ = ["Streamer", "StreamerSettings", "main", "start_streamer"]
 
 MAX_REQUEST_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class StreamerSettings:
-    """Server-wide defaults; each request may override them."""
-
-    tokens: int = 64
-    ttft: float = 0.25
-    gap: float = 0.024
-    burst: int = 1
-    model: str = "demo-model"
 
 
 def _head(status: int, content_type: bytes, length: int | None) -> bytes:
@@ -61,7 +57,7 @@ def _json_response(status: int, document: object) -> bytes:
 
 
 class _Stream:
-    """One streaming response in progress."""
+    """One streaming response in progress, paced by ``loop.call_at``."""
 
     def __init__(
         self,
@@ -73,58 +69,23 @@ class _Stream:
     ) -> None:
         self.conn = conn
         self.settings = settings
-        self.index = 0
-        self.include_usage = include_usage
-        self.chat = chat
+        self.events = EventBuilder(settings, chat=chat, model=model, include_usage=include_usage)
         self.handle: asyncio.TimerHandle | None = None
-        created = int(time.time())
-        model_json = json.dumps(model)
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        self.prefix = (
-            f'data: {{"id":"cmpl-relay-demo","object":"{kind}","created":{created},'
-            f'"model":{model_json},"choices":[{{"index":0,'
-        ).encode()
-        self.usage = (
-            f'data: {{"id":"cmpl-relay-demo","object":"{kind}","created":{created},'
-            f'"model":{model_json},"choices":[],"usage":{{"prompt_tokens":8,'
-            f'"completion_tokens":{settings.tokens},"total_tokens":{settings.tokens + 8}}}}}\n\n'
-        ).encode()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.next_at = loop.time() + self.settings.ttft
         self.handle = loop.call_at(self.next_at, self.tick)
-
-    def _event(self, index: int) -> bytes:
-        text = f" tok{index}"
-        if self.chat:
-            role = '"role":"assistant",' if index == 0 else ""
-            body = f'"delta":{{{role}"content":"{text}"}},"logprobs":null,"finish_reason":null}}]'
-        else:
-            body = f'"text":"{text}","logprobs":null,"finish_reason":null}}]'
-        return self.prefix + (body + ',"relay_sent_ns":%d}\n\n').encode()
 
     def tick(self) -> None:
         self.handle = None
         conn = self.conn
         if conn.closed:
             return
-        settings = self.settings
-        count = min(settings.burst, settings.tokens - self.index)
-        events = [self._event(self.index + i) for i in range(count)]
-        self.index += count
-        last = self.index >= settings.tokens
-        if last:
-            finish = (
-                self.prefix
-                + (b'"delta":{},' if self.chat else b'"text":"",')
-                + b'"logprobs":null,"finish_reason":"length"}]}\n\n'
-            )
-            events.append(finish)
-            if self.include_usage:
-                events.append(self.usage)
-            events.append(b"data: [DONE]\n\n")
+        events = self.events
+        payload = events.next_events()
+        last = events.done
         # The stamp goes in last, just before the write.
-        payload = b"".join(events).replace(b"%d}\n\n", b"%d}\n\n" % time.monotonic_ns())
+        payload = events.stamp(payload, time.monotonic_ns())
         chunk = b"%x\r\n%b\r\n" % (len(payload), payload)
         if last:
             chunk += b"0\r\n\r\n"
@@ -133,7 +94,7 @@ class _Stream:
             conn.stream_finished()
             return
         loop = conn.loop
-        self.next_at = max(self.next_at + settings.gap, loop.time())
+        self.next_at = max(self.next_at + self.settings.gap, loop.time())
         self.handle = loop.call_at(self.next_at, self.tick)
 
     def cancel(self) -> None:
@@ -208,7 +169,7 @@ class _StreamerConnection(asyncio.Protocol):
                 body = json.loads(self.body or b"{}")
                 if not isinstance(body, dict):
                     raise ValueError("not an object")
-                settings = _overrides(defaults, body)
+                settings = overrides(defaults, body)
             except (ValueError, TypeError) as exc:
                 message = f"invalid request body: {exc}"
                 error = {"message": message, "type": "invalid_request_error", "code": 400}
@@ -238,25 +199,7 @@ class _StreamerConnection(asyncio.Protocol):
     def _complete_nonstreaming(self, settings: StreamerSettings, chat: bool, model: str) -> None:
         if self.closed:
             return
-        text = "".join(f" tok{i}" for i in range(settings.tokens))
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        document = {
-            "id": "cmpl-relay-demo",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": 8,
-                "completion_tokens": settings.tokens,
-                "total_tokens": settings.tokens + 8,
-            },
-        }
-        self._finish(_json_response(200, document))
+        self._finish(_json_response(200, completion_document(settings, chat=chat, model=model)))
 
     def _finish(self, data: bytes) -> None:
         self.transport.write(data)
@@ -273,19 +216,6 @@ class _StreamerConnection(asyncio.Protocol):
         if closed:
             self.h11.receive_data(b"")
         self._process()
-
-
-def _overrides(defaults: StreamerSettings, body: dict[str, Any]) -> StreamerSettings:
-    changes: dict[str, Any] = {}
-    if "max_tokens" in body:
-        changes["tokens"] = max(1, int(body["max_tokens"]))
-    if "relay_ttft_ms" in body:
-        changes["ttft"] = max(0.0, float(body["relay_ttft_ms"]) / 1000)
-    if "relay_gap_ms" in body:
-        changes["gap"] = max(0.0, float(body["relay_gap_ms"]) / 1000)
-    if "relay_burst" in body:
-        changes["burst"] = max(1, int(body["relay_burst"]))
-    return replace(defaults, **changes) if changes else defaults
 
 
 class Streamer:
