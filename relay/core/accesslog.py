@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from ..http.usage import NO_USAGE, Usage
+
 __all__ = ["JsonFormatter", "access", "log_exchange", "setup_logging", "text_value"]
 
 access = logging.getLogger("relay.access")
@@ -118,6 +120,8 @@ def log_exchange(
     ttft_s: float | None,
     total_s: float,
     ending: str,
+    key: str | None = None,
+    usage: Usage = NO_USAGE,
 ) -> None:
     """Write the access line for one finished exchange (if INFO is enabled)."""
     if not access.isEnabledFor(logging.INFO):
@@ -138,6 +142,11 @@ def log_exchange(
         "ttft_ms": _ms(ttft_s),
         "total_ms": _ms(total_s),
         "ending": ending,
+        # Issue #14: the key's name (never the key) and the tokens used.
+        "key": key,
+        "prompt_tokens": usage.prompt if usage.source != "none" else None,
+        "completion_tokens": usage.completion if usage.source != "none" else None,
+        "usage": usage.source if usage.source != "none" else None,
     }
     text = " ".join(f"{k}={text_value(v)}" for k, v in fields.items() if v is not None)
     access.info(text, extra={"fields": fields})

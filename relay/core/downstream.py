@@ -218,7 +218,8 @@ class ClientConnection(asyncio.Protocol):
         if self.state.draining:
             self.send_error(RelayError(503, "relay is shutting down", "unavailable"))
             return
-        if self.checks_keys and not self.state.keys.allows(request.headers):
+        key = self.state.keys.match(request.headers) if self.checks_keys else None  # #14: name
+        if self.checks_keys and key is None:
             self.send_error(
                 RelayError(
                     401,
@@ -235,6 +236,11 @@ class ClientConnection(asyncio.Protocol):
             if name == b"content-length" and int(value) > cfg.max_body_bytes:
                 self.send_error(RelayError(413, "request body too large", "request_too_large"))
                 return
+        # Per-key limits (issue #14, core/admission.py): 429 before the upstream sees anything.
+        ticket = self.state.admission.admit(key, self.client_host)
+        if isinstance(ticket, RelayError):
+            self.send_error(ticket)
+            return
         exchange = Exchange(
             self,
             request,
@@ -244,6 +250,7 @@ class ClientConnection(asyncio.Protocol):
             waiting_for_continue=self._h11.they_are_waiting_for_100_continue,
             inspect_budget=inspect_budget_for(self.state, cfg.max_inspect_bytes),
         )
+        exchange.ticket = ticket  # issue #14: limits, queue slot and usage of this exchange
         self.exchange = exchange
         exchange.start()
 

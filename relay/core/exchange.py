@@ -64,6 +64,7 @@ from ..http.rewrite import (
     rewrite_pieces,
 )
 from .accesslog import log_exchange
+from .admission import Ticket
 from .upstream import (
     ConnectError,
     ConnectTimeout,
@@ -186,6 +187,10 @@ class Exchange:
         self._first_byte_at: float | None = None
         self._observe_gap = metrics.upstream_read_gap.observe
         metrics.active_exchanges += 1
+        # Issue #14 (core/admission.py): limits, queue slot and usage; the client
+        # connection sets the admitted ticket; _tail keeps references to body reads.
+        self.ticket = Ticket(metrics)
+        self._tail = self.ticket.response_started(0, ())
 
         headers = request_headers_for_upstream(
             request.headers.raw_items(),
@@ -284,6 +289,9 @@ class Exchange:
                 if pool is None:
                     break
                 self._assign(pool)
+                # Issue #14: wait for a --max-inflight slot on this upstream (or a 503).
+                if (error := await self.ticket.enter(pool)) is not None:
+                    break
                 try:
                     upstream = await pool.acquire(self, fresh=fresh)
                 except ConnectTimeout as exc:
@@ -558,6 +566,7 @@ class Exchange:
             if taken:
                 self.bytes_to_client += taken
                 self._write_body(data if taken == len(data) else data[:taken])
+                self._tail(data)  # issue #14: a reference for the usage, parsed at the end
             if framer.complete:
                 if taken != len(data):
                     self._upstream_reusable = False  # bytes after the end: not HTTP
@@ -649,6 +658,7 @@ class Exchange:
             if framing == ClientFraming.RECHUNK:
                 write = self._rechunk_writer()
         self._write_body = write
+        self._tail = self.ticket.response_started(status, event.headers)  # issue #14: usage
         self._rechunked = framing == ClientFraming.RECHUNK
         self._upstream_reusable = (
             self._framer.reusable
@@ -795,6 +805,8 @@ class Exchange:
         metrics.bytes_from_clients += self.request_bytes
         metrics.bytes_to_clients += self.bytes_to_client
         now = time.monotonic()
+        # Issue #14: usage from the kept reads; budgets, concurrency and queue slot released.
+        usage = self.ticket.settle(self.bytes_to_client, self.requested_model, self.forwarded_model)
         log_exchange(
             client=self.client.client_host,
             method=self.request.method,
@@ -809,6 +821,8 @@ class Exchange:
             ttft_s=None if self._first_byte_at is None else self._first_byte_at - self._sent_at,
             total_s=now - self.started,
             ending=ending.value,
+            key=self.ticket.label if self.client.checks_keys else None,  # issue #14
+            usage=usage,  # issue #14
         )
         if self._timer is not None:
             self._timer.cancel()

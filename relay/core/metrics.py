@@ -77,6 +77,12 @@ class Metrics:
     time_to_head: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     time_to_first_byte: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     upstream_read_gap: Histogram = field(default_factory=lambda: Histogram(GAP_BUCKETS))
+    # Keys, limits and usage (issue #14). Labels are bounded: key names (or
+    # "anonymous"), configured model names (others are "other"), fixed words.
+    tokens: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # key, model, kind
+    key_requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # key, result
+    usage: Counter[tuple[str, str]] = field(default_factory=Counter)  # key, source
+    queue_wait: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
 
     def snapshot(self) -> dict[str, Any]:
         """Every value as JSON-able data (what a worker sends its parent)."""
@@ -86,7 +92,8 @@ class Metrics:
             if isinstance(value, Histogram):
                 out[spec.name] = {"counts": value.counts, "total": value.total}
             elif isinstance(value, Counter):
-                out[spec.name] = [[up, status, n] for (up, status), n in value.items()]
+                # Each label tuple, then the count: [[up, status, n], [key, model, kind, n]].
+                out[spec.name] = [[*labels, n] for labels, n in value.items()]
             else:
                 out[spec.name] = value
         return out
@@ -104,8 +111,8 @@ class Metrics:
                     current.counts = [int(n) for n in value["counts"]]
                     current.total = float(value["total"])
             elif isinstance(current, Counter):
-                for up, status, n in value:
-                    current[(str(up), int(status))] += int(n)
+                for *labels, n in value:
+                    current[tuple(labels)] += int(n)
             else:
                 setattr(metrics, spec.name, int(value))
         return metrics
@@ -154,6 +161,22 @@ class Metrics:
             metric(name, "gauge", _GAUGE_HELP.get(name, name), lines)
         for name, attribute, text in _HISTOGRAMS:
             metric(name, "histogram", text, getattr(self, attribute).render(name))
+        # Keys, limits and usage (issue #14).
+        for name, attribute, labels, text in _LABELLED:
+            samples = [
+                name
+                + "{"
+                + ",".join(f'{k}="{v}"' for k, v in zip(labels, values, strict=True))
+                + f"}} {n}"
+                for values, n in sorted(getattr(self, attribute).items())
+            ]
+            metric(name, "counter", text, samples)
+        metric(
+            "relay_queue_wait_seconds",
+            "histogram",
+            "Time requests waited for a --max-inflight slot (granted or not).",
+            self.queue_wait.render("relay_queue_wait_seconds"),
+        )
         return "\n".join(out) + "\n"
 
 
@@ -209,6 +232,14 @@ _HISTOGRAMS = [
     ("relay_upstream_read_gap_seconds", "upstream_read_gap",
      "Gap between consecutive upstream body reads (inter-token latency)."),
 ]  # fmt: skip
+_LABELLED = [
+    ("relay_tokens_total", "tokens", ("key", "model", "kind"),
+     "Tokens used, as the upstream reported them (or estimated), by key, model and kind."),
+    ("relay_key_requests_total", "key_requests", ("key", "result"),
+     "Requests by key: admitted, or refused (concurrent, rpm, tpm, queue_full, queue_timeout)."),
+    ("relay_usage_total", "usage", ("key", "source"),
+     "Finished requests by where their token count came from: reported, estimated or none."),
+]  # fmt: skip
 _GAUGE_HELP = {
     "relay_active_exchanges": "Exchanges in flight.",
     "relay_client_connections": "Open client connections.",
@@ -219,4 +250,7 @@ _GAUGE_HELP = {
     "relay_workers": "Worker processes up and serving (--workers).",
     "relay_upstream_outstanding": "Requests assigned to the upstream and not finished.",
     "relay_upstream_available": "1 unless ejected after failures or failing its health check.",
+    "relay_queue_length": "Requests waiting for a --max-inflight slot, by upstream.",
+    "relay_upstream_inflight": "--max-inflight slots in use, by upstream.",
+    "relay_key_in_flight": "Requests in flight, by key.",
 }
