@@ -117,7 +117,7 @@ def parse_named_keys(content: str) -> list[NamedKey]:
     Raises :class:`KeyFileError` with a one-line reason (a line number, a
     name; never a key).
     """
-    if content.lstrip().startswith("{"):
+    if content.lstrip()[:1] in ("{", "["):  # JSON (an array is refused by name)
         return _from_json(content)
     keys = []
     for number, line in enumerate(content.splitlines(), 1):
