@@ -67,7 +67,14 @@ class _StreamProtocol(asyncio.Protocol):
 
 
 def build_request(
-    port: int, tokens: int, ttft_ms: float, gap_ms: float, burst: int, *, stream: bool = True
+    port: int,
+    tokens: int,
+    ttft_ms: float,
+    gap_ms: float,
+    burst: int,
+    *,
+    stream: bool = True,
+    api_key: str | None = None,
 ) -> bytes:
     body = json.dumps(
         {
@@ -78,11 +85,15 @@ def build_request(
             "relay_ttft_ms": ttft_ms,
             "relay_gap_ms": gap_ms,
             "relay_burst": burst,
+            **({"stream_options": {"include_usage": True}} if api_key else {}),
         }
     ).encode()
+    # A keyed relay also gets the usage it accounts (stream_options.include_usage).
+    auth = b"Authorization: Bearer %b\r\n" % api_key.encode() if api_key else b""
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (port, len(body), body)
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%b"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+        % (port, auth, len(body), body)
     )
 
 
@@ -94,10 +105,11 @@ async def run_streams(
     gap_ms: float,
     burst: int = 1,
     limit: float = 120.0,
+    api_key: str | None = None,
 ) -> tuple[list[StreamResult], float]:
     """Open ``streams`` concurrent streams; return their results and the wall time."""
     loop = asyncio.get_running_loop()
-    request = build_request(port, tokens, ttft_ms, gap_ms, burst)
+    request = build_request(port, tokens, ttft_ms, gap_ms, burst, api_key=api_key)
     results = [StreamResult() for _ in range(streams)]
     waiters = []
     started = time.monotonic()

@@ -45,6 +45,8 @@ class Peer:
     process: subprocess.Popen[str]
     workdir: tempfile.TemporaryDirectory[str] | None = None
     pids: list[int] = field(default_factory=list)
+    #: What the load client sends as ``Authorization: Bearer`` (a keyed relay).
+    api_key: str | None = None
 
     def all_pids(self) -> list[int]:
         return [self.process.pid, *children(self.process.pid)]

@@ -107,7 +107,9 @@ async def measure(
     meter: Peer | None,
 ) -> dict[str, Any]:
     cpu_before = meter.cpu() if meter else None
-    results, wall = await run_streams(peer.port, streams, tokens, ttft_ms, gap_ms, burst)
+    results, wall = await run_streams(
+        peer.port, streams, tokens, ttft_ms, gap_ms, burst, api_key=peer.api_key
+    )
     cpu = meter.cpu() - cpu_before if meter and cpu_before is not None else None
     summary = summarize(results, wall, cpu)
     if meter is not None:
@@ -133,6 +135,7 @@ def paced(quick: bool) -> dict[str, dict[str, Any]]:
     try:
         relay = start_relay(streamer.port)
         peers.append(relay)
+        peers.append(start_keyed_relay(streamer.port))
         if not quick:
             workers = start_relay(streamer.port, None, "--workers", "2")
             workers.name = "relay-w2"
@@ -270,7 +273,15 @@ def long_streams(rounds: int = 3) -> dict[str, dict[str, Any]]:
         return out
     os.sched_setaffinity(0, {1})
     streamer = start_streamer({1})
-    peers = [p for p in (start_relay(streamer.port, {0}), start_nginx(streamer.port, {0})) if p]
+    peers = [
+        p
+        for p in (
+            start_relay(streamer.port, {0}),
+            start_keyed_relay(streamer.port, {0}),
+            start_nginx(streamer.port, {0}),
+        )
+        if p
+    ]
     samples: dict[str, list[float]] = {p.name: [] for p in peers}
     try:
         for _ in range(rounds):
@@ -289,6 +300,23 @@ def long_streams(rounds: int = 3) -> dict[str, dict[str, Any]]:
         streamer.stop()
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return out
+
+
+#: The keyed relay's key file: two teams, each with its own limits, high
+#: enough never to refuse the bench's load but all checked on every request.
+KEY_FILE = "bench sk-bench concurrent=1000 rpm=1000000 tpm=1000000000\nother sk-other rpm=60\n"
+
+
+def start_keyed_relay(upstream_port: int, cpus: set[int] | None = None) -> Peer:
+    """relay with named keys, per-key limits, --max-inflight and usage accounting on."""
+    with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as keys:
+        keys.write(KEY_FILE)
+    extra = ["--api-key-file", keys.name, "--key-max-concurrent", "2000", "--max-inflight", "2000"]
+    peer = start_relay(upstream_port, cpus, *extra)
+    os.unlink(keys.name)  # read at start; relay keeps the keys in memory
+    peer.name = "relay-keys"
+    peer.api_key = "sk-bench"
+    return peer
 
 
 def fmt(value: Any, digits: int = 2) -> str:

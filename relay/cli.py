@@ -37,7 +37,7 @@ from .config import (
 )
 from .core.accesslog import setup_logging
 from .core.tls import TLSError
-from .http.auth import KeyListError, parse_key_file, parse_key_list
+from .http.auth import KeyFileError, KeyListError, parse_key_file, parse_key_list
 from .http.rewrite import ModelMap, ModelMapError, load_model_map_file, parse_model_map_item
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument(
         "--api-key-file",
         metavar="PATH",
-        help="keys clients must present (Authorization: Bearer or x-api-key), one per line; "
-        f"also ${KEYS_ENV}; reloaded on SIGHUP",
+        help="keys clients must present (Authorization: Bearer or x-api-key): KEY or "
+        "NAME KEY [concurrent=N] [rpm=N] [tpm=N] lines, or a JSON object "
+        f'{{"NAME": "KEY"}}; also ${KEYS_ENV}; reloaded on SIGHUP',
     )
     tls.add_argument(
         "--upstream-api-key-file",
@@ -278,7 +279,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values["upstream_tls_verify"] = not args.upstream_insecure_skip_verify
     try:
         values["api_keys"] = tuple(parse_key_list(os.environ.get(KEYS_ENV, "")))
-    except KeyListError as exc:
+    except (KeyListError, KeyFileError) as exc:
         raise ConfigError(KEYS_ENV, str(exc)) from None
     values["upstream_api_key"] = _upstream_key(args)
     # Stream fidelity (#15).

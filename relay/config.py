@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .http.auth import NamedKey
 from .http.rewrite import ModelMap
 
 __all__ = [
@@ -69,9 +70,9 @@ class UpstreamAddress:
         return f"{self.scheme}://{self.authority}"
 
 
-def _limits(*, help: str, flag: str, kind: str = "") -> Any:
+def _limits(*, help: str, flag: str, kind: str = "", least: int = 1) -> Any:
     # Metadata the CLI turns into flags; the default stays on the field.
-    return {"help": help, "flag": flag, "kind": kind}
+    return {"help": help, "flag": flag, "kind": kind, "least": least}
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,66 @@ class Config:
     upstream_key: str | None = None
     upstream_tls_verify: bool = True
     api_key_file: str | None = None
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_keys: tuple[str | NamedKey, ...] = field(default=(), repr=False)
     upstream_api_key: str | None = field(default=None, repr=False)
+    # Keys, limits and the upstream queue (issue #14); 0 means no limit. The key
+    # limits are defaults a key file may override per key; without keys they
+    # apply to each client address. All of them are per relay process.
+    key_max_concurrent: int = field(
+        default=0,
+        metadata=_limits(
+            flag="--key-max-concurrent",
+            kind="count",
+            least=0,
+            help="requests one key may have in flight; 429 beyond (0: no limit)",
+        ),
+    )
+    key_rpm: int = field(
+        default=0,
+        metadata=_limits(
+            flag="--key-rpm",
+            kind="count",
+            least=0,
+            help="requests one key may start per minute; 429 beyond (0: no limit)",
+        ),
+    )
+    key_tpm: int = field(
+        default=0,
+        metadata=_limits(
+            flag="--key-tpm",
+            kind="count",
+            least=0,
+            help="prompt + completion tokens one key may use per minute, as the upstream "
+            "reports them when a request ends; 429 beyond (0: no limit)",
+        ),
+    )
+    max_inflight: int = field(
+        default=0,
+        metadata=_limits(
+            flag="--max-inflight",
+            kind="count",
+            least=0,
+            help="requests each upstream gets at once; more wait in a queue served fairly "
+            "across keys (0: no limit)",
+        ),
+    )
+    queue_size: int = field(
+        default=256,
+        metadata=_limits(
+            flag="--queue-size",
+            kind="count",
+            least=0,
+            help="requests that may wait for each upstream under --max-inflight; 503 beyond",
+        ),
+    )
+    queue_timeout: float = field(
+        default=30.0,
+        metadata=_limits(
+            flag="--queue-timeout",
+            kind="duration",
+            help="longest wait in the --max-inflight queue; 503 after it",
+        ),
+    )
     loop: str = "auto"
     log_level: str = "info"
     # Stream fidelity (#15); the metrics are always on, these are opt-in.
@@ -244,7 +303,7 @@ class Config:
             kind = spec.metadata["kind"]
             if kind == "duration" and not value > 0:
                 raise ConfigError(flag, f"must be a positive duration, got {value!r}")
-            least = 0 if spec.name == "upstream_keepalive" else 1
+            least = 0 if spec.name == "upstream_keepalive" else spec.metadata["least"]
             if kind in ("size", "count") and value < least:
                 raise ConfigError(flag, f"must be a positive number, got {value!r}")
         if self.tls_key is not None and self.tls_cert is None:

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from ..http.usage import NO_USAGE, Usage
+
 __all__ = ["JsonFormatter", "access", "log_exchange", "setup_logging", "text_value"]
 
 access = logging.getLogger("relay.access")
@@ -146,6 +148,8 @@ def log_exchange(
     total_s: float,
     ending: str,
     fidelity: dict[str, Any] | None = None,
+    key: str | None = None,
+    usage: Usage = NO_USAGE,
 ) -> None:
     """Write the access line for one finished exchange (if INFO is enabled)."""
     if not access.isEnabledFor(logging.INFO):
@@ -167,6 +171,11 @@ def log_exchange(
         "ttft_ms": _ms(ttft_s),
         "total_ms": _ms(total_s),
         "ending": ending,
+        # Issue #14: the key's name (never the key) and the tokens used.
+        "key": key,
+        "prompt_tokens": usage.prompt if usage.source != "none" else None,
+        "completion_tokens": usage.completion if usage.source != "none" else None,
+        "usage": usage.source if usage.source != "none" else None,
     }
     if fidelity:  # stream fidelity (#15): coalesced, keepalives, body_sha256, cancel_*
         fields.update(fidelity)

@@ -222,7 +222,8 @@ class ClientConnection(asyncio.Protocol):
         if self.state.draining:
             self.send_error(RelayError(503, "relay is shutting down", "unavailable"))
             return
-        if self.checks_keys and not self.state.keys.allows(fields):
+        key = self.state.keys.match(fields) if self.checks_keys else None  # the key's name
+        if self.checks_keys and key is None:
             self.send_error(
                 RelayError(
                     401,
@@ -239,8 +240,13 @@ class ClientConnection(asyncio.Protocol):
             if name == b"content-length" and int(value) > cfg.max_body_bytes:
                 self.send_error(RelayError(413, "request body too large", "request_too_large"))
                 return
-        # fidelity (#15): relay's own paced stream (--test-stream), behind the key check.
+        # Per-key limits (issue #14, core/admission.py): 429 before the upstream sees anything.
+        # relay's own paced stream (--test-stream): behind the key check, not the limits.
         if cfg.test_stream is not None and serve_test_stream(self, request, self._h11):
+            return
+        ticket = self.state.admission.admit(key, self.client_host)
+        if isinstance(ticket, RelayError):
+            self.send_error(ticket)
             return
         exchange = Exchange(
             self,
@@ -253,6 +259,7 @@ class ClientConnection(asyncio.Protocol):
             inspect_budget=self.state.inspect_budget,
             ticker=self.state.ticker,
         )
+        exchange.ticket = ticket  # issue #14: limits, queue slot and usage of this exchange
         self.exchange = exchange
         exchange.start()
 

@@ -63,6 +63,7 @@ from ..http.inspection import BodyInspection
 from ..http.modellist import merge_model_lists
 from ..http.rewrite import InspectBudget
 from .accesslog import log_exchange
+from .admission import Ticket
 from .fidelity import StreamWatch
 from .upstream import (
     ConnectError,
@@ -197,6 +198,10 @@ class Exchange:
         # the opt-in body digest and SSE keep-alive comments.
         self._fid = StreamWatch(config, metrics)
         self._client_backlog = client.transport.get_write_buffer_size
+        # Keys, limits and usage (core/admission.py): the client connection sets
+        # the admitted ticket; _tail keeps references to the body's last reads.
+        self.ticket = Ticket(metrics)
+        self._tail: Callable[[bytes], None] = _ignore_read
 
         headers = request_headers_for_upstream(
             request.headers.raw_items(),
@@ -284,10 +289,12 @@ class Exchange:
         pool = self.router.balancer.choose(self._candidates, _NOT_TRIED)
         if pool is not None:
             self._assign(pool)  # counted at once: least-requests sees it
-            upstream = pool.acquire_idle(self)
-            if upstream is not None:
-                self._attach(upstream, from_task=False)
-                return
+            # A --max-inflight slot free now (or none needed) and an idle connection.
+            if self.ticket.try_enter(pool):
+                upstream = pool.acquire_idle(self)
+                if upstream is not None:
+                    self._attach(upstream, from_task=False)
+                    return
         self._task = self._loop.create_task(self._connect(fresh=False, first=pool))
 
     async def _connect(self, *, fresh: bool, first: UpstreamPool | None = None) -> None:
@@ -302,6 +309,9 @@ class Exchange:
         try:
             while pool is not None:
                 self._assign(pool)
+                # Wait for a --max-inflight slot on this upstream (or a 503).
+                if (error := await self.ticket.enter(pool)) is not None:
+                    break
                 try:
                     upstream = await pool.acquire(self, fresh=fresh)
                 except ConnectTimeout as exc:
@@ -511,6 +521,7 @@ class Exchange:
                 if backlog or self._fid.per_read:
                     self._fid.read(data, taken, backlog, self.pool)
                 self._write_body(data if taken == len(data) else data[:taken])
+                self._tail(data)  # a reference for the usage, read at the end
             if framer.complete:
                 if taken != len(data):
                     self._upstream_reusable = False  # bytes after the end: not HTTP
@@ -603,6 +614,7 @@ class Exchange:
                 write = client.transport.write
                 self._write_body = lambda data: write(encode_chunk(data))
         self._fid.head(status, raw, plan.body, framing, self._framer)
+        self._tail = self.ticket.response_started(status, [(n.lower(), v) for n, v in raw])
         self._upstream_reusable = (
             self._framer.reusable
             and conn.their_http_version == b"1.1"
@@ -732,6 +744,8 @@ class Exchange:
         metrics.bytes_from_clients += self.request_bytes
         metrics.bytes_to_clients += self.bytes_to_client
         sent = self._sent_at
+        # Usage from the kept reads; budgets, concurrency and queue slot released.
+        usage = self.ticket.settle(self.bytes_to_client, self.requested_model, self.forwarded_model)
         log_exchange(
             client=self.client.client_host,
             method=self.request.method,
@@ -747,6 +761,8 @@ class Exchange:
             total_s=time.monotonic() - self.started,
             ending=ending.value,
             fidelity=self._fid.end(ending.value),  # counts the ending too
+            key=self.ticket.label if self.client.checks_keys else None,
+            usage=usage,
         )
         task, self._task = self._task, None
         if task is not None:
@@ -797,6 +813,10 @@ class Exchange:
 
     def _describe(self) -> str:
         return f"{self.request.method.decode('ascii', 'replace')} {self.request.target!r}"
+
+
+def _ignore_read(_data: bytes) -> None:
+    return None
 
 
 def _dechunked_writer(

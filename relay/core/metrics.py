@@ -91,6 +91,12 @@ class Metrics:
     time_to_head: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     time_to_first_byte: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     upstream_read_gap: Histogram = field(default_factory=lambda: Histogram(GAP_BUCKETS))
+    # Keys, limits and usage (issue #14). Labels are bounded: key names (or
+    # "anonymous"), configured model names (others are "other"), fixed words.
+    tokens: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # key, model, kind
+    key_requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # key, result
+    usage: Counter[tuple[str, str]] = field(default_factory=Counter)  # key, source
+    queue_wait: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
 
     def snapshot(self) -> dict[str, Any]:
         """Every value as JSON-able data (what a worker sends its parent)."""
@@ -174,6 +180,22 @@ class Metrics:
             metric(name, "histogram", text, getattr(self, attribute).render(name))
         for name, attribute, text in _HISTOGRAMS:
             metric(name, "histogram", text, getattr(self, attribute).render(name))
+        # Keys, limits and usage (issue #14).
+        for name, attribute, labels, text in _LABELLED:
+            samples = [
+                name
+                + "{"
+                + ",".join(f'{k}="{v}"' for k, v in zip(labels, values, strict=True))
+                + f"}} {n}"
+                for values, n in sorted(getattr(self, attribute).items())
+            ]
+            metric(name, "counter", text, samples)
+        metric(
+            "relay_queue_wait_seconds",
+            "histogram",
+            "Time requests waited for a --max-inflight slot (granted or not).",
+            self.queue_wait.render("relay_queue_wait_seconds"),
+        )
         return "\n".join(out) + "\n"
 
 
@@ -272,6 +294,14 @@ def _fidelity_samples(metrics: Metrics, name: str) -> list[str]:
     return [f"{name} {value}"]
 
 
+_LABELLED = [
+    ("relay_tokens_total", "tokens", ("key", "model", "kind"),
+     "Tokens used, as the upstream reported them (or estimated), by key, model and kind."),
+    ("relay_key_requests_total", "key_requests", ("key", "result"),
+     "Requests by key: admitted, or refused (concurrent, rpm, tpm, queue_full, queue_timeout)."),
+    ("relay_usage_total", "usage", ("key", "source"),
+     "Finished requests by where their token count came from: reported, estimated or none."),
+]  # fmt: skip
 _GAUGE_HELP = {
     "relay_active_exchanges": "Exchanges in flight.",
     "relay_client_connections": "Open client connections.",
@@ -282,4 +312,7 @@ _GAUGE_HELP = {
     "relay_workers": "Worker processes up and serving (--workers).",
     "relay_upstream_outstanding": "Requests assigned to the upstream and not finished.",
     "relay_upstream_available": "1 unless ejected after failures or failing its health check.",
+    "relay_queue_length": "Requests waiting for a --max-inflight slot, by upstream.",
+    "relay_upstream_inflight": "--max-inflight slots in use, by upstream.",
+    "relay_key_in_flight": "Requests in flight, by key.",
 }

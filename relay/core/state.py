@@ -15,8 +15,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..config import Config, ConfigError
-from ..http.auth import KeyRing, parse_key_file
+from ..http.auth import KeyFileError, KeyRing, NamedKey, named, parse_named_keys
 from ..http.rewrite import InspectBudget
+from .admission import Admission
 from .metrics import Metrics
 from .ticker import Ticker, tick_interval
 from .tls import TLSError, server_context, upstream_context
@@ -36,16 +37,25 @@ __all__ = ["ServerState", "load_keys"]
 log = logging.getLogger("relay.error")
 
 
-def load_keys(config: Config) -> list[str]:
-    """The proxy API keys: the key file's plus any given directly (environment)."""
-    keys = list(config.api_keys)
+def load_keys(config: Config) -> list[NamedKey]:
+    """The proxy API keys: the key file's plus any given directly (environment).
+
+    Names must be unique across both; a bad file is a :class:`ConfigError`.
+    """
+    keys = named(config.api_keys)
     if config.api_key_file:
         try:
             with open(config.api_key_file, encoding="utf-8") as file:
-                keys += parse_key_file(file.read())
+                keys += parse_named_keys(file.read())
         except OSError as exc:
             reason = f"cannot read {config.api_key_file}: {exc.strerror}"
             raise ConfigError("--api-key-file", reason) from None
+        except KeyFileError as exc:
+            raise ConfigError("--api-key-file", f"{config.api_key_file}: {exc}") from None
+        except UnicodeDecodeError:  # its text would quote the file's bytes
+            raise ConfigError("--api-key-file", f"{config.api_key_file}: not UTF-8") from None
+        if len({key.name for key in keys}) != len(keys):
+            raise ConfigError("--api-key-file", "a key name is used twice; names must be unique")
         if not keys:
             raise ConfigError("--api-key-file", "holds no keys")
     return keys
@@ -76,6 +86,8 @@ class ServerState:
         self.ticker = Ticker(tick_interval(config))
         # Request bodies held to read their model, all together.
         self.inspect_budget = InspectBudget(config.max_inspect_bytes)
+        # Per-key limits, the --max-inflight queues, usage (issue #14).
+        self.admission = Admission(config, self.metrics, self.keys.entries)
         pools = {
             address: UpstreamPool(
                 address,
@@ -123,6 +135,7 @@ class ServerState:
             "relay_upstream_pool_active": per_pool(lambda p: p.active),
             "relay_upstream_outstanding": per_pool(lambda p: p.outstanding),
             "relay_upstream_available": per_pool(lambda p: p.available(now)),
+            **self.admission.gauges(),
         }
 
     def busy(self) -> bool:
@@ -149,6 +162,7 @@ class ServerState:
         if tls is not None:
             self.server_tls = tls
         self.keys.replace(keys)
+        self.admission.set_keys(self.keys.entries)
         done = ["the TLS certificate"] if tls is not None else []
         if config.api_key_file or keys:
             done.append(f"{len(keys)} API key" + ("" if len(keys) == 1 else "s"))

@@ -37,6 +37,8 @@ STATUS_ERRORS: dict[int, tuple[str, str]] = {
     405: ("invalid_request_error", "method_not_allowed"),
     408: ("invalid_request_error", "timeout"),
     413: ("invalid_request_error", "request_too_large"),
+    # OpenAI's own 429s carry type "requests" (or "tokens") and this code.
+    429: ("requests", "rate_limit_exceeded"),
     431: ("invalid_request_error", "request_header_fields_too_large"),
     500: ("server_error", "internal_error"),
     501: ("server_error", "not_implemented"),

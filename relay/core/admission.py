@@ -1,0 +1,351 @@
+"""Admission: per-key limits, the per-upstream in-flight queue, and usage accounting.
+
+The decisions live in the sans-IO layer (``relay/http/limits.py``,
+``relay/http/usage.py``); this module carries them out for the exchanges:
+
+* :meth:`Admission.admit` runs in the client connection right after the key
+  check, before anything reaches an upstream: a request over its key's
+  concurrency, requests-per-minute or tokens-per-minute limit gets 429 with
+  ``Retry-After``. Without configured keys the same limits apply to each
+  client address (the budget of an address is forgotten once it is idle).
+* :class:`Gate` enforces ``--max-inflight`` per upstream: beyond it requests
+  wait in a bounded queue served round-robin over keys; a full queue or a
+  wait past ``--queue-timeout`` gets 503. A waiter is a future awaited by the
+  exchange's connect task, so a client that leaves (its task is cancelled)
+  leaves the queue at once, and a slot handed to it is passed on.
+* :class:`Ticket` is one exchange's share: it keeps references to the last
+  reads the exchange forwarded (a ``deque.append`` per read, nothing else on
+  the hot path) and settles once when the exchange ends: usage read from
+  those reads, tokens counted by key and model, the key's budget debited,
+  its concurrency and its upstream slot released. Every ending goes through
+  the exchange's one ``_end``, so nothing leaks when a stream is cut.
+
+All of it is per relay process: with ``--workers N`` or several replicas,
+each process enforces its own limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from ..http.auth import NamedKey
+from ..http.errors import RelayError
+from ..http.limits import Budget, FairQueue, KeyLimits
+from ..http.usage import (
+    MAX_JSON_BYTES,
+    NO_USAGE,
+    TAIL_READS,
+    Usage,
+    usage_from_json,
+    usage_from_stream,
+)
+
+if TYPE_CHECKING:
+    from ..config import Config, UpstreamAddress
+    from .metrics import Gauges, Metrics
+    from .upstream import UpstreamPool
+
+__all__ = ["ANONYMOUS", "OTHER_MODEL", "Admission", "Gate", "Ticket"]
+
+#: The key label of requests when no keys are configured.
+ANONYMOUS = "anonymous"
+#: The model label of every model not named in the configuration.
+OTHER_MODEL = "other"
+#: Budgets kept before idle ones are forgotten (client addresses come and go).
+PRUNE_AT = 1024
+
+
+def _ignore(_data: bytes) -> None:
+    return None
+
+
+class Gate:
+    """``--max-inflight`` for one upstream: a count and a fair, bounded queue."""
+
+    def __init__(
+        self, address: str, limit: int, queue_size: int, timeout: float, metrics: Metrics
+    ) -> None:
+        self.address = address
+        self.limit = limit
+        self.timeout = timeout
+        self.metrics = metrics
+        self.in_flight = 0
+        self.queue: FairQueue[asyncio.Future[None]] = FairQueue(queue_size)
+
+    def try_enter(self) -> bool:
+        """Take a free slot at once if there is one and nobody is queued before us."""
+        if self.in_flight < self.limit and not self.queue:
+            self.in_flight += 1
+            return True
+        return False
+
+    async def enter(self, key: str) -> RelayError | None:
+        """Take a slot, waiting in the queue if need be; an error if the wait fails.
+
+        Cancellation (the client left) removes the waiter from the queue at
+        once; a slot handed over just before is passed on to the next waiter.
+        """
+        if self.in_flight < self.limit and not self.queue:
+            self.in_flight += 1
+            return None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if not self.queue.push(key, waiter):
+            self.metrics.key_requests[key, "queue_full"] += 1
+            return RelayError(
+                503,
+                f"upstream busy: {self.limit} requests in flight and its queue is full",
+                "queue_full",
+                ((b"retry-after", b"1"),),
+            )
+        started = loop.time()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await waiter
+        except TimeoutError:
+            if not self.queue.remove(key, waiter) and waiter.done():
+                return None  # the slot came as the wait ran out: use it
+            self.metrics.key_requests[key, "queue_timeout"] += 1
+            return RelayError(
+                503,
+                f"upstream busy: no slot freed within {self.timeout:g} s",
+                "queue_timeout",
+                ((b"retry-after", b"1"),),
+            )
+        except asyncio.CancelledError:
+            if not self.queue.remove(key, waiter) and waiter.done() and not waiter.cancelled():
+                self.leave()  # handed a slot while leaving: pass it on
+            raise
+        finally:
+            self.metrics.queue_wait.observe(loop.time() - started)
+        return None
+
+    def leave(self) -> None:
+        """Give the slot back: to the next waiter whose turn it is, or to the count."""
+        while (waiter := self.queue.pop()) is not None:
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to it; in_flight unchanged
+                return
+        self.in_flight -= 1
+
+
+class Ticket:
+    """One exchange's share of the limits, and its usage."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        label: str = ANONYMOUS,
+        *,
+        admission: Admission | None = None,
+        budget: Budget | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.label = label
+        self.admission = admission
+        self.budget = budget
+        self._gate: Gate | None = None
+        self._reads: deque[bytes] | None = None
+        self._kind = ""  # "stream", "json" or "" (not counted)
+        self._chunked = False
+        self._settled: Usage | None = None
+
+    def try_enter(self, pool: UpstreamPool) -> bool:
+        """Hold a ``--max-inflight`` slot on ``pool``'s upstream without waiting, if
+        none is needed or one is free; false when the caller must await :meth:`enter`."""
+        gate = self.admission.gate(pool.address) if self.admission is not None else None
+        if gate is self._gate:
+            return True
+        if gate is None:
+            self._leave_gate()
+            return True
+        if gate.try_enter():
+            self._leave_gate()
+            self._gate = gate
+            return True
+        return False
+
+    async def enter(self, pool: UpstreamPool) -> RelayError | None:
+        """Hold a ``--max-inflight`` slot on ``pool``'s upstream (kept on a retry there)."""
+        gate = self.admission.gate(pool.address) if self.admission is not None else None
+        if gate is self._gate:
+            return None
+        self._leave_gate()
+        if gate is None:
+            return None
+        error = await gate.enter(self.label)
+        if error is None:
+            self._gate = gate
+        return error
+
+    def _leave_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.leave()
+
+    def response_started(
+        self, status: int, headers: Iterable[tuple[bytes, bytes]]
+    ) -> Callable[[bytes], None]:
+        """The per-read hook for this response's body: where to keep a reference.
+
+        A stream keeps its last :data:`TAIL_READS` reads; a JSON body of known
+        length up to the limit keeps all of them; anything else keeps none.
+        """
+        if not 200 <= status < 300:
+            return _ignore
+        media = b""
+        length: int | None = None
+        for name, value in headers:
+            if name == b"content-type":
+                media = value.split(b";", 1)[0].strip().lower()
+            elif name == b"content-length" and value.isdigit():
+                length = int(value)
+            elif name == b"transfer-encoding":
+                self._chunked = True
+        if media == b"text/event-stream":
+            self._kind = "stream"
+            self._reads = deque(maxlen=TAIL_READS)
+        elif media == b"application/json":
+            if length is not None and length > MAX_JSON_BYTES:
+                return _ignore
+            self._kind = "json"
+            # Known length: all reads (at most the limit). Chunked: the last
+            # few, counted only if they turn out to be the whole body.
+            self._reads = deque(maxlen=None if length is not None else TAIL_READS)
+        else:
+            return _ignore
+        return self._reads.append
+
+    def settle(
+        self, bytes_out: int, requested_model: str | None, forwarded_model: str | None
+    ) -> Usage:
+        """The exchange ended (any way): read its usage, count it, release everything.
+
+        Idempotent: only the first call counts.
+        """
+        if self._settled is not None:
+            return self._settled
+        reads, self._reads = self._reads, None
+        usage = NO_USAGE
+        if reads:
+            if self._kind == "stream":
+                usage = usage_from_stream(reads, bytes_out)
+            elif sum(map(len, reads)) == bytes_out:  # the whole body was kept
+                usage = usage_from_json(reads, chunked=self._chunked)
+        self._settled = usage
+        metrics = self.metrics
+        label = self.label
+        admission = self.admission
+        if usage.source != "none":
+            model = OTHER_MODEL
+            if admission is not None:
+                model = admission.model_label(requested_model, forwarded_model, usage.model)
+            metrics.tokens[label, model, "prompt"] += usage.prompt
+            metrics.tokens[label, model, "completion"] += usage.completion
+        metrics.usage[label, usage.source] += 1
+        self._leave_gate()
+        if admission is not None:
+            admission.in_flight[label] -= 1
+            if self.budget is not None:
+                self.budget.release(usage.total, time.monotonic())
+        return usage
+
+
+class Admission:
+    """Limits by key (or client address) and ``--max-inflight`` gates by upstream."""
+
+    def __init__(self, config: Config, metrics: Metrics, keys: Sequence[NamedKey] = ()) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.defaults = KeyLimits(config.key_max_concurrent, config.key_rpm, config.key_tpm)
+        mapping = config.model_map
+        models = {*mapping.aliases, *mapping.aliases.values(), *(m for m, _ in config.routes)}
+        if mapping.default is not None:
+            models.add(mapping.default)
+        self.models = frozenset(models)
+        self.in_flight: Counter[str] = Counter()
+        self._gates: dict[str, Gate] = {}
+        self._budgets: dict[str, Budget] = {}
+        self._prune_at = PRUNE_AT
+        self._limits: dict[str, KeyLimits] = {}
+        self.set_keys(keys)
+
+    def set_keys(self, keys: Sequence[NamedKey]) -> None:
+        """The keys' own limits (start and SIGHUP); budgets in use keep their levels."""
+        self._limits = {key.name: key.limits.over(self.defaults) for key in keys}
+        now = time.monotonic()
+        for name, budget in list(self._budgets.items()):
+            if name.startswith("key:"):
+                limits = self._limits.get(name[4:])
+                if limits is None:
+                    del self._budgets[name]  # a removed key; its tickets keep their budget
+                else:
+                    budget.set_limits(limits, now)
+
+    def admit(self, key: str | None, client_host: str) -> Ticket | RelayError:
+        """A ticket for a request of ``key`` (None: no keys configured), or a 429."""
+        if key is None:
+            label, budget_id, limits = ANONYMOUS, "addr:" + client_host, self.defaults
+        else:
+            label, budget_id = key, "key:" + key
+            limits = self._limits.get(key, self.defaults)
+        budget = None
+        if limits.concurrent or limits.rpm or limits.tpm:
+            now = time.monotonic()
+            budget = self._budgets.get(budget_id)
+            if budget is None:
+                if len(self._budgets) >= self._prune_at:
+                    self._prune(now)
+                budget = self._budgets[budget_id] = Budget(limits, now)
+            refusal = budget.admit(now)
+            if refusal is not None:
+                self.metrics.key_requests[label, refusal.limit] += 1
+                retry = str(refusal.retry_after).encode()
+                return RelayError(
+                    429, refusal.message, "rate_limit_exceeded", ((b"retry-after", retry),)
+                )
+        self.metrics.key_requests[label, "admitted"] += 1
+        self.in_flight[label] += 1
+        return Ticket(self.metrics, label, admission=self, budget=budget)
+
+    def _prune(self, now: float) -> None:
+        for name in [n for n, b in self._budgets.items() if b.idle(now)]:
+            del self._budgets[name]
+        # Amortized: the next sweep waits until the dict has doubled again.
+        self._prune_at = max(PRUNE_AT, 2 * len(self._budgets))
+
+    def gate(self, address: UpstreamAddress) -> Gate | None:
+        """The ``--max-inflight`` gate of an upstream, or None without the flag."""
+        limit = self.config.max_inflight
+        if not limit:
+            return None
+        name = str(address)
+        gate = self._gates.get(name)
+        if gate is None:
+            cfg = self.config
+            gate = self._gates[name] = Gate(
+                name, limit, cfg.queue_size, cfg.queue_timeout, self.metrics
+            )
+        return gate
+
+    def model_label(self, *names: str | None) -> str:
+        """The first of ``names`` the configuration knows, else :data:`OTHER_MODEL`."""
+        for name in names:
+            if name is not None and name in self.models:
+                return name
+        return OTHER_MODEL
+
+    def gauges(self) -> Gauges:
+        """Queue lengths and slots in use by upstream, requests in flight by key."""
+        gates = [(f'upstream="{g.address}"', g) for g in self._gates.values()]
+        return {
+            "relay_queue_length": [(labels, float(len(g.queue))) for labels, g in gates],
+            "relay_upstream_inflight": [(labels, float(g.in_flight)) for labels, g in gates],
+            "relay_key_in_flight": [
+                (f'key="{name}"', float(n)) for name, n in sorted(self.in_flight.items())
+            ],
+        }

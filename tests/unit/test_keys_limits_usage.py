@@ -1,0 +1,260 @@
+"""Named keys, per-key limits, the fair queue and usage reading, without sockets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from relay.core.metrics import Metrics
+from relay.http.auth import (
+    KeyFileError,
+    KeyRing,
+    NamedKey,
+    key_name,
+    parse_key_file,
+    parse_key_list,
+    parse_named_keys,
+)
+from relay.http.limits import Budget, FairQueue, KeyLimits
+from relay.http.usage import MAX_JSON_BYTES, usage_from_json, usage_from_stream
+
+SECRET = "sk-SECRET-abc123"
+
+
+# -- key files ---------------------------------------------------------------
+def test_a_json_object_names_keys_and_may_give_each_its_limits():
+    """{"name": "key"} and {"name": {"key", "rpm", ...}} both name keys."""
+    keys = parse_named_keys(
+        json.dumps({"team-a": "sk-a", "team-b": {"key": "sk-b", "rpm": 60, "tpm": 1000}})
+    )
+    assert keys == [
+        NamedKey("team-a", "sk-a"),
+        NamedKey("team-b", "sk-b", KeyLimits(rpm=60, tpm=1000)),
+    ]
+
+
+def test_name_key_lines_and_plain_lines_mix():
+    """`name key [limits]` lines name a key; a line with the key alone still works."""
+    text = "# teams\nteam-a sk-a concurrent=2 rpm=10\n\n  sk-plain  \nteam-b sk-b\n"
+    keys = parse_named_keys(text)
+    assert [(k.name, k.key, k.limits) for k in keys] == [
+        ("team-a", "sk-a", KeyLimits(concurrent=2, rpm=10)),
+        (key_name("sk-plain"), "sk-plain", KeyLimits()),
+        ("team-b", "sk-b", KeyLimits()),
+    ]
+    assert parse_key_file(text) == ["sk-a", "sk-plain", "sk-b"]
+
+
+def test_a_key_without_a_name_is_shown_by_a_digest_never_by_itself():
+    """The generated name is stable and holds no part of the key."""
+    name = key_name(SECRET)
+    assert name == key_name(SECRET) and name.startswith("key-") and len(name) == 12
+    assert SECRET not in name and "abc123" not in name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "team-a sk-1\nteam-a sk-2\n",
+        '{"team-a": "sk-1", "team-b": "sk-1"}',
+        "team-a " + SECRET + " rpm=ten\n",
+        "team-a " + SECRET + " burst=3\n",
+        "bad/name " + SECRET + "\n",
+        '{"team-a": 3}',
+        '{"team-a": {"key": "' + SECRET + '", "rpm": -1}}',
+        '{"team-a": {"key": "' + SECRET + '", "color": 1}}',
+        '["' + SECRET + '"]',
+        '{"team-a": "' + SECRET,
+    ],
+)
+def test_a_bad_key_file_is_one_line_that_never_quotes_a_key(text):
+    """Duplicate names or keys, bad limits, bad names, bad JSON: one line, no secret."""
+    with pytest.raises(KeyFileError) as caught:
+        parse_named_keys(text)
+    message = str(caught.value)
+    assert "\n" not in message and SECRET not in message and "sk-1" not in message
+
+
+def test_relay_api_keys_takes_a_json_object_too():
+    """RELAY_API_KEYS='{"team-a": "sk-a"}' names its key; plain lists are unchanged."""
+    assert parse_key_list('{"team-a": "sk-a"}') == [NamedKey("team-a", "sk-a")]
+    assert parse_key_list("a, b") == ["a", "b"]
+
+
+def test_the_key_ring_says_which_key_matched():
+    """match() returns the name of the key presented, by Bearer or x-api-key."""
+    ring = KeyRing([NamedKey("team-a", "sk-a"), "sk-plain"])
+    assert ring.match([(b"authorization", b"Bearer sk-a")]) == "team-a"
+    assert ring.match([(b"x-api-key", b"sk-plain")]) == key_name("sk-plain")
+    assert ring.match([(b"authorization", b"Bearer sk-nope")]) is None
+    assert ring.allows([(b"x-api-key", b"sk-a")])
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "where"),
+    [
+        ("team-a sk-1\nteam-a sk-2\n", None, "argument --api-key-file"),
+        ('{"team-a": ', None, "argument --api-key-file"),
+        (None, '{"team-a": 5}', "argument RELAY_API_KEYS"),
+    ],
+)
+def test_a_bad_key_file_stops_startup_with_one_line_naming_the_flag(tmp_path, content, env, where):
+    """relay exits 2 with `relay: error: <flag or variable>: ...` and no traceback."""
+    argv = [sys.executable, "-m", "relay", "--upstream", "127.0.0.1:9", "--listen", "127.0.0.1:0"]
+    environ = {"PATH": "/usr/bin:/bin"}
+    if content is not None:
+        path = tmp_path / "keys"
+        path.write_text(content)
+        argv += ["--api-key-file", str(path)]
+    if env is not None:
+        environ["RELAY_API_KEYS"] = env
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=environ)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"relay: error: {where}"), done.stderr
+    assert "sk-1" not in done.stderr
+
+
+# -- limits ------------------------------------------------------------------
+def test_concurrency_is_refused_at_the_limit_and_released_at_the_end():
+    budget = Budget(KeyLimits(concurrent=2), now=0.0)
+    assert budget.admit(0.0) is None and budget.admit(0.0) is None
+    refusal = budget.admit(0.0)
+    assert refusal is not None and refusal.limit == "concurrent" and refusal.retry_after == 1
+    budget.release(0, 0.0)
+    assert budget.admit(0.0) is None
+
+
+def test_requests_per_minute_refill_evenly_and_say_when_to_retry():
+    """rpm=2: two at once, the third waits 30 s (one request every 30 s)."""
+    budget = Budget(KeyLimits(rpm=2), now=100.0)
+    assert budget.admit(100.0) is None
+    budget.release(0, 100.0)
+    assert budget.admit(100.0) is None
+    budget.release(0, 100.0)
+    refusal = budget.admit(100.0)
+    assert refusal is not None and refusal.limit == "rpm" and refusal.retry_after == 30
+    assert budget.admit(129.0) is not None
+    assert budget.admit(130.0) is None
+
+
+def test_tokens_per_minute_are_debited_at_the_end_and_may_go_below_zero():
+    """tpm=600 (10/s): a request using 700 leaves -100, so the next waits 10 s."""
+    budget = Budget(KeyLimits(tpm=600), now=0.0)
+    assert budget.admit(0.0) is None
+    budget.release(700, 0.0)
+    refusal = budget.admit(0.0)
+    assert refusal is not None and refusal.limit == "tpm" and refusal.retry_after == 10
+    assert budget.admit(10.5) is None
+
+
+def test_key_limits_fall_back_to_the_defaults_and_zero_means_none():
+    defaults = KeyLimits(concurrent=4, rpm=60, tpm=0)
+    assert KeyLimits(rpm=0).over(defaults) == KeyLimits(concurrent=4, rpm=0, tpm=0)
+    assert KeyLimits().over(defaults) == defaults
+
+
+def test_an_idle_budget_can_be_forgotten():
+    budget = Budget(KeyLimits(rpm=60), now=0.0)
+    budget.admit(0.0)
+    assert not budget.idle(0.0)
+    budget.release(0, 0.0)
+    assert not budget.idle(0.5) and budget.idle(1.0)
+
+
+def test_the_queue_serves_keys_in_turn_not_in_arrival_order():
+    """A greedy key's backlog delays another key's request by one slot at most."""
+    queue: FairQueue[str] = FairQueue(limit=10)
+    for i in range(4):
+        assert queue.push("greedy", f"g{i}")
+    assert queue.push("polite", "p0")
+    assert [queue.pop() for _ in range(5)] == ["g0", "p0", "g1", "g2", "g3"]
+    assert queue.pop() is None and len(queue) == 0
+
+
+def test_the_queue_is_bounded_and_a_waiter_can_leave():
+    queue: FairQueue[str] = FairQueue(limit=2)
+    assert queue.push("a", "a0") and queue.push("b", "b0")
+    assert not queue.push("a", "a1")
+    assert queue.remove("a", "a0") and not queue.remove("a", "a0")
+    assert len(queue) == 1 and queue.lengths() == {"b": 1}
+    assert queue.pop() == "b0"
+
+
+# -- usage -------------------------------------------------------------------
+def sse(document: object) -> bytes:
+    return b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
+def chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46}
+TOKEN = {"model": "m", "choices": [{"index": 0, "delta": {"content": " tok"}}], "usage": None}
+FINAL = {"model": "m", "choices": [], "usage": USAGE}
+
+
+def stream_body(n: int, *, usage: bool, chunked: bool) -> list[bytes]:
+    events = [sse(TOKEN) for _ in range(n)]
+    if usage:
+        events.append(sse(FINAL))
+    events.append(b"data: [DONE]\n\n")
+    if chunked:
+        return [chunk(e) for e in events] + [b"0\r\n\r\n"]
+    return events
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_streams_final_usage_event_is_read_from_its_last_reads(chunked):
+    reads = stream_body(40, usage=True, chunked=chunked)
+    total = sum(map(len, reads))
+    usage = usage_from_stream(reads[-8:], total)
+    assert (usage.prompt, usage.completion, usage.source, usage.model) == (12, 34, "reported", "m")
+
+
+def test_the_usage_is_found_whatever_way_the_tail_is_split_into_reads():
+    """At every split point of the last bytes, the usage event is still read."""
+    body = b"".join(stream_body(3, usage=True, chunked=True))
+    for cut in range(1, len(body)):
+        usage = usage_from_stream([body[:cut], body[cut:]], len(body))
+        assert usage.source == "reported" and usage.total == 46, cut
+
+
+def test_a_stream_without_usage_gets_an_estimate_marked_as_such():
+    """40 token events (+ [DONE]), of which only the last 8 reads were kept: about 40."""
+    reads = stream_body(40, usage=False, chunked=True)
+    usage = usage_from_stream(reads[-8:], sum(map(len, reads)))
+    assert usage.source == "estimated" and usage.prompt == 0
+    assert 36 <= usage.completion <= 44
+
+
+def test_sglang_generate_meta_info_counts_as_reported():
+    event = sse({"text": "abc", "meta_info": {"prompt_tokens": 5, "completion_tokens": 3}})
+    usage = usage_from_stream([event, b"data: [DONE]\n\n"], 100)
+    assert (usage.prompt, usage.completion, usage.source) == (5, 3, "reported")
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_json_body_is_read_whole_and_a_too_big_one_is_not_counted(chunked):
+    body = json.dumps({"model": "m", "choices": [], "usage": USAGE}).encode()
+    raw = chunk(body) + b"0\r\n\r\n" if chunked else body
+    reads = [raw[:7], raw[7:]]
+    assert usage_from_json(reads, chunked=chunked).total == 46
+    big = json.dumps({"pad": "x" * MAX_JSON_BYTES, "usage": USAGE}).encode()
+    assert usage_from_json([big], chunked=False).source == "none"
+    assert usage_from_json([b"\x1f\x8b compressed"], chunked=False).source == "none"
+
+
+def test_labelled_counters_survive_a_workers_snapshot():
+    """Three-label counters (tokens) round-trip through the JSON a worker sends its parent."""
+    metrics = Metrics()
+    metrics.tokens["team-a", "other", "prompt"] += 3
+    metrics.requests["relay", 429] += 1
+    back = Metrics.from_snapshot(json.loads(json.dumps(metrics.snapshot())))
+    assert back.tokens == metrics.tokens and back.requests == metrics.requests
+    text = back.render()
+    assert 'relay_tokens_total{key="team-a",model="other",kind="prompt"} 3' in text
