@@ -129,7 +129,8 @@ def start_relay(upstream_port: int, cpus: set[int] | None = None, *extra: str) -
     return Peer("relay", int(match.group(1)), process)
 
 
-NGINX_CONF = """\
+#: What both nginx configurations share: one worker, no daemon, no access log.
+_NGINX_PREAMBLE = """\
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
@@ -137,6 +138,11 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
+"""
+
+NGINX_CONF = (
+    _NGINX_PREAMBLE
+    + """\
   keepalive_requests 1000000;
 {http_extra}
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
@@ -154,6 +160,7 @@ http {{
   }}
 }}
 """
+)
 
 
 def nginx_path() -> str | None:
@@ -170,14 +177,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-ORIGIN_CONF = """\
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
+ORIGIN_CONF = (
+    _NGINX_PREAMBLE
+    + """\
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
   keepalive_requests 1000000;
@@ -190,6 +192,7 @@ http {{
   }}
 }}
 """
+)
 
 
 def start_origin(cpus: set[int] | None = None) -> Peer | None:

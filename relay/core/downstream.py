@@ -350,11 +350,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.transport.can_write_eof():
             self.close()  # TLS: no half-close
             return
-        self._closed = True
-        self._cancel_timer()
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None and exchange.phase is not Phase.DONE:
-            exchange.abort(Ending.ERROR)
+        self._stop()
         self.transport.write_eof()
         self.transport.resume_reading()  # data_received drops it while closed
         self._linger = asyncio.get_running_loop().call_later(LINGER_TIME, self.transport.abort)
@@ -368,14 +364,18 @@ class ClientConnection(asyncio.Protocol):
         self.close()
         self.transport.abort()
 
-    def close(self) -> None:
-        if self._closed:
-            return
+    def _stop(self) -> None:
+        """No more requests: deadlines off, an exchange in flight aborted."""
         self._closed = True
         self._cancel_timer()
         exchange, self.exchange = self.exchange, None
         if exchange is not None and exchange.phase is not Phase.DONE:
             exchange.abort(Ending.ERROR)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._stop()
         # close() flushes the write buffer first: what was relayed arrives. A
         # client that never reads it must not hold the socket (and its
         # --max-connections slot) forever, so the flush has a deadline.

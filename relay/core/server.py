@@ -155,12 +155,7 @@ async def health_check(pool: UpstreamPool, path: str, interval: float) -> None:
         healthy = False
         try:
             async with asyncio.timeout(min(interval, 5.0)):
-                reader, writer = await asyncio.open_connection(
-                    pool.address.host,
-                    pool.address.port,
-                    ssl=pool.ssl_context,
-                    server_hostname=pool.address.host if pool.ssl_context else None,
-                )
+                reader, writer = await pool.open_stream()
                 try:
                     writer.write(request)
                     status_line = await reader.readline()

@@ -288,6 +288,16 @@ class UpstreamPool:
         self.connect_succeeded()
         return conn
 
+    async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection as streams, for relay's own small requests (health, models)."""
+        address = self.address
+        return await asyncio.open_connection(
+            address.host,
+            address.port,
+            ssl=self.ssl_context,
+            server_hostname=address.host if self.ssl_context else None,
+        )
+
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         """Hand back an ``ACTIVE`` connection: pooled if reusable and there is room.
 
@@ -387,12 +397,7 @@ async def fetch(
     ``ValueError`` when the body is longer than ``limit``.
     """
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(
-            pool.address.host,
-            pool.address.port,
-            ssl=pool.ssl_context,
-            server_hostname=pool.address.host if pool.ssl_context else None,
-        )
+        reader, writer = await pool.open_stream()
         try:
             conn = h11.Connection(h11.CLIENT)
             request = h11.Request(method=b"GET", target=target, headers=list(headers))
