@@ -354,6 +354,22 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(results: dict[str, dict[str, Any]]) -> str:
+    """CPU cost per token (long streams) and per request (small POSTs), each against nginx."""
+    lines = ["| scenario | peer | req/s | CPU µs | CPU vs nginx |", "|---|---|---|---|---|"]
+    for scenario, unit in (("100 x 500 tokens", "cpu_us_per_token"), ("per request", None)):
+        peers = results.get(scenario, {})
+        nginx = peers.get("nginx", {})
+        for name, s in peers.items():
+            key = unit or "cpu_us_per_request"
+            rate = f"{s['req_per_s']:.0f}" if "req_per_s" in s else "-"
+            lines.append(
+                f"| {scenario} ({'per token' if unit else 'per request'}) | {name} | {rate} "
+                f"| {fmt(s.get(key))} | {ratio(s.get(key), nginx.get(key))} |"
+            )
+    return "\n".join(lines)
+
+
 def targets(results: dict[str, dict[str, Any]]) -> list[str]:
     verdicts = []
 
@@ -383,6 +399,20 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
         check(
             "peak RSS at N=1000 ≤ 64 MB", big["peak_rss_mb"] <= 64, f"{big['peak_rss_mb']:.1f} MB"
         )
+    long = results.get("100 x 500 tokens", {})
+    if "relay" in long and "nginx" in long:
+        r, n = long["relay"]["cpu_us_per_token"], long["nginx"]["cpu_us_per_token"]
+        check(
+            "CPU per token, 100 x 500 tokens, ≤ 1.15x nginx",
+            r <= 1.15 * n,
+            f"{r:.2f} vs {n:.2f} µs",
+        )
+    each = results.get("per request", {})
+    if "relay" in each and "nginx" in each:
+        r, n = each["relay"]["cpu_us_per_request"], each["nginx"]["cpu_us_per_request"]
+        check("CPU per request ≤ 8x nginx", r <= 8 * n, f"{r:.1f} vs {n:.1f} µs ({r / n:.1f}x)")
+        rps = each["relay"]["req_per_s"]
+        check("≥ 10k requests/s on one core", rps >= 10_000, f"{rps:.0f} req/s")
     one = results.get("N=1", {})
     if "relay" in one and "direct" in one:
         d = one["relay"]["ttft_ms_p50"] - one["direct"]["ttft_ms_p50"]
@@ -442,11 +472,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         print("saturation (gap 0, 8 streams, intermediary pinned to CPU 0):", flush=True)
         results.update(saturation())
+        print("long streams (100 x 500 tokens, 20 ms apart, proxy pinned to CPU 0):", flush=True)
+        results.update(long_streams())
+        print("per request (small POSTs, 50 keep-alive connections, proxy pinned):", flush=True)
+        requests = per_request()
+    else:
+        requests = {}
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    md = f"Run {stamp} on {machine}.\n\n{table(results)}\n\n" + "\n".join(
-        f"- {line}" for line in targets(results)
-    )
+    streams = {k: v for k, v in results.items() if k != "100 x 500 tokens"}
+    md = f"Run {stamp} on {machine}.\n\n{table(streams)}\n\n"
+    if requests or "100 x 500 tokens" in results:
+        md += cost_table({**results, **requests}) + "\n\n"
+    md += "\n".join(f"- {line}" for line in targets({**results, **requests}))
+    results.update(requests)
     (RESULTS / "results.md").write_text(md + "\n")
     public = {
         k: {p: {m: v for m, v in s.items() if not m.startswith("_")} for p, s in peers.items()}

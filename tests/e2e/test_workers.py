@@ -52,7 +52,12 @@ class Relay:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
-        line = self.wait_line(r"listening on 127\.0\.0\.1:(\d+)")
+        try:
+            line = self.wait_line(r"listening on 127\.0\.0\.1:(\d+)")
+        except BaseException:
+            self.process.kill()  # a relay that did not start must not outlive the test
+            self.process.wait(LIMIT)
+            raise
         self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", line).group(1))
 
     def _read(self) -> None:
