@@ -210,7 +210,7 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
-def per_request(rounds: int = 3, seconds: float = 4.0) -> dict[str, dict[str, Any]]:
+def per_request(rounds: int = 3, seconds: int = 4) -> dict[str, dict[str, Any]]:
     """Small non-streaming POSTs on 50 keep-alive connections, as fast as they are answered.
 
     The upstream (an nginx answering at once) and wrk share CPU 1; the proxy under

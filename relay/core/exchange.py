@@ -188,6 +188,7 @@ class Exchange:
         self._upstream_reusable = self._keep_client = self._rechunked = self._eof_seen = False
         self._head_bytes_in = 0  # upstream bytes fed to h11 while waiting for the head
         self._pending_head = b""  # a response head that goes out with the first body bytes
+        self._head_held = False  # ... and has not gone out yet
         self._body_writer = self._write_body
         self._last_upstream_byte = now
         self._client_paused_since: float | None = None
@@ -632,6 +633,7 @@ class Exchange:
         if leftover and framing == ClientFraming.SAME and not self._framer.complete:
             # The head and the first body bytes go out in one write.
             self._pending_head = head
+            self._head_held = True
             self._body_writer, self._write_body = self._write_body, self._write_with_head
         else:
             client.transport.write(head)
@@ -642,6 +644,7 @@ class Exchange:
 
     def _write_with_head(self, data: bytes) -> None:
         self._write_body = self._body_writer
+        self._head_held = False
         self.client.transport.writelines((self._pending_head, data))
 
     def upstream_eof(self) -> None:
@@ -695,6 +698,9 @@ class Exchange:
         """The upstream broke mid-body: close the client without completing."""
         if self.phase is Phase.DONE:
             return
+        if self._head_held:  # the head was waiting for body bytes that never came
+            self._head_held = False
+            self.client.transport.write(self._pending_head)
         self.metrics.truncated_streams += 1
         log.warning("stream truncated: %s (%s)", reason, self._describe())
         self._close_upstream()
@@ -790,7 +796,10 @@ class Exchange:
                 message = "upstream stopped reading the request body"
                 self._fail(RelayError(504, message, "upstream_timeout"))
                 return
-            if full is None and now - self._last_client_byte >= cfg.client_body_timeout:
+            # While relay itself does not read the body (waiting for a connection
+            # or a --max-inflight slot), the client is not late.
+            reading = self._upstream is not None or self._inspection is not None
+            if full is None and reading and now - self._last_client_byte >= cfg.client_body_timeout:
                 self.metrics.timeouts += 1
                 self._fail(RelayError(408, "client sent the request body too slowly", "timeout"))
                 return

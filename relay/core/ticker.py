@@ -13,12 +13,15 @@ timeout, at most a second.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Protocol
 
 from ..config import Config
 
 __all__ = ["Ticker", "tick_interval"]
+
+log = logging.getLogger("relay.error")
 
 #: Longest tick: deadlines are checked at least once a second.
 MAX_INTERVAL = 1.0
@@ -68,13 +71,20 @@ class Ticker:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        for item in list(self._watched):  # a check may unwatch itself or others
-            if item in self._watched:
-                item.on_tick(now)
-        if self._watched:
-            self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
-        else:
-            self._handle = None
+        try:
+            for item in list(self._watched):  # a check may unwatch itself or others
+                if item in self._watched:
+                    try:
+                        item.on_tick(now)
+                    except Exception:
+                        # One broken check must not stop every other deadline.
+                        log.exception("deadline check failed for %r", item)
+                        self._watched.discard(item)
+        finally:
+            if self._watched:
+                self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
+            else:
+                self._handle = None
 
     def close(self) -> None:
         self._watched.clear()

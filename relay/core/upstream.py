@@ -244,9 +244,11 @@ class UpstreamPool:
     def acquire_idle(self, owner: UpstreamOwner) -> UpstreamConnection | None:
         """The most recently pooled open connection, ``ACTIVE`` for ``owner``; or None."""
         idle = self._idle
+        now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.transport.is_closing():
+            # Past its age (the tick may run late under load): never reused.
+            if not conn.transport.is_closing() and now - conn.idle_since < self._idle_limit:
                 self.metrics.upstream_reused += 1
                 return self._activate(conn, owner)
             conn.close()
