@@ -31,7 +31,7 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import h11
@@ -52,15 +52,15 @@ from ..http.framing import (
 )
 from ..http.headers import (
     has_token,
-    is_json_or_untyped,
     origin_form,
-    request_head,
     request_headers_for_upstream,
     response_head,
 )
 from ..http.headers import response_headers_for_client as client_headers
 from ..http.inspection import BodyInspection
 from ..http.modellist import merge_model_lists
+from ..http.outgoing import OutgoingRequest
+from ..http.requestplan import plan_request
 from ..http.rewrite import InspectBudget
 from .accesslog import log_exchange
 from .admission import Ticket
@@ -82,11 +82,6 @@ if TYPE_CHECKING:
 __all__ = ["Ending", "Exchange", "Phase"]
 
 log = logging.getLogger("relay.error")
-
-#: Request bytes kept for replaying on a fresh connection when a pooled one
-#: turns out to be closed (Envoy's retry buffer has the same role). LLM
-#: requests are small JSON; a bigger body is streamed without a safety net.
-REPLAY_LIMIT = 1024 * 1024
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NOT_TRIED: frozenset[UpstreamPool] = frozenset()
@@ -176,11 +171,8 @@ class Exchange:
         # Request side: the client's body arrives as h11 Data events.
         self.request_complete = False
         self.request_bytes = 0
-        self._head_sent = self._request_sent = False
         self._last_client_byte = self._sent_at = now
         self._upstream_full_since: float | None = None  # upstream not taking the body
-        self._replay: list[bytes] | None = []  # body pieces sent so far, for a retry
-        self._replay_size = 0
 
         # Response side.
         self._framer: BodyFramer = CloseFramer()
@@ -212,47 +204,34 @@ class Exchange:
             strip_credentials=client.checks_keys,
             upstream_key=config.upstream_api_key,
         )
-        self._expects_body = self._chunked_up = False
-        # Whether the client asked to close after this exchange.
-        self._client_closes = has_token(fields, b"connection", b"close")
-        for name, value in fields:
-            if name == b"content-length":
-                headers.append((b"content-length", value))
-                self._expects_body = value != b"0"
-            elif name == b"transfer-encoding":
-                headers.append((b"transfer-encoding", b"chunked"))
-                self._expects_body = self._chunked_up = True
-        self._upstream_headers = headers
         path = origin_form(request.target)
         self._target = path
-        # relay answers the model list itself when it knows names (aliases,
-        # routes) or upstreams (several) that one upstream's list would miss.
-        self._lists_models = (
-            request.method == b"GET"
-            and not self._expects_body
-            and path.split(b"?", 1)[0] in (b"/v1/models", b"/models")
-            and bool(config.model_map.aliases or router.routes or len(router.pools) > 1)
+        model_map = config.model_map
+        plan = plan_request(
+            request.method,
+            path,
+            fields,
+            rewrites_models=bool(model_map),
+            pins_model=model_map.default is not None,
+            routes_by_model=router.routes_by_model,
+            knows_more_models=bool(model_map.aliases or router.routes or len(router.pools) > 1),
         )
-        # Aliasing, pinning (--model) and routing need the body's model: the
-        # body is held (bounded) and scanned as it arrives. Pinning and routing
-        # must know it, so then every POST body is read (FastAPI reads some
-        # bodies as JSON whatever their Content-Type), and one relay cannot
-        # read is refused.
-        must_read = config.model_map.default is not None or router.routes_by_model
+        if plan.chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        elif plan.length is not None:
+            headers.append((b"content-length", plan.length))
+        self._out = OutgoingRequest(request.method, path, headers, chunked=plan.chunked)
+        self._expects_body = plan.expects_body
+        self._client_closes = plan.client_closes
+        self._lists_models = plan.lists_models
+        self._route_by_body = plan.route_by_body
         self._inspection: BodyInspection | None = None
-        self._route_by_body = False
-        if (
-            (config.model_map or router.routes_by_model)
-            and request.method == b"POST"
-            and self._expects_body
-            and (must_read or is_json_or_untyped(fields))
-        ):
+        if plan.inspect:
             self._inspection = inspection = BodyInspection(
-                inspect_budget, config.model_map, must_read=must_read
+                inspect_budget, model_map, must_read=plan.must_read_model
             )
             # Whatever way the exchange ends, its share of the budget comes back.
             weakref.finalize(self, inspection.release)
-            self._route_by_body = router.routes_by_model
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -349,7 +328,7 @@ class Exchange:
         self._head_bytes_in = 0
         # Reading the body resumes now; the client is not to blame for the wait.
         self._last_client_byte = self._sent_at = time.monotonic()
-        if not self._expects_body or self._replay or self.request_complete:
+        if not self._expects_body or self._out.replay or self.request_complete:
             self._send_head()
         # Otherwise the head waits for the first body bytes: until h11 has
         # parsed them, a malformed chunked body must not reach the upstream.
@@ -358,16 +337,6 @@ class Exchange:
             self.client.exchange_ready_for_body()
 
     # -- request (head and body) to the upstream --------------------------
-    def _frames(self, pieces: Iterable[bytes]) -> list[bytes]:
-        """Body pieces as they go upstream: as they are, or each as one chunk."""
-        if not self._chunked_up:
-            return [piece for piece in pieces if piece]
-        frames = []
-        for piece in pieces:
-            if piece:
-                frames += (b"%x\r\n" % len(piece), piece, b"\r\n")
-        return frames
-
     def _send_head(self, first: bytes = b"") -> None:
         """Send the request head with the body received so far, in one write.
 
@@ -376,16 +345,7 @@ class Exchange:
         """
         upstream = self._upstream
         assert upstream is not None
-        parts = [request_head(self.request.method, self._target, self._upstream_headers)]
-        parts += self._frames(self._replay or ())
-        if first:
-            parts += self._frames((first,))
-        self._head_sent = True
-        if self.request_complete:
-            self._request_sent = True
-            if self._chunked_up:
-                parts.append(LAST_CHUNK)
-        upstream.transport.writelines(parts)
+        upstream.transport.writelines(self._out.head(first, ends=self.request_complete))
 
     def request_data(self, data: bytes) -> None:
         """A piece of the client's request body (called by the client connection)."""
@@ -397,22 +357,18 @@ class Exchange:
                 self._inspection = None
                 self._fail(error)
             return
-        if self._replay is not None:
-            self._replay_size += len(data)
-            if self._replay_size <= REPLAY_LIMIT:
-                self._replay.append(data)
-            else:
-                self._replay = None
+        out = self._out
+        kept = out.remember(data)
         upstream = self._upstream
         if self.phase is Phase.DONE or upstream is None:
             return
-        if not self._head_sent:
+        if not out.head_sent:
             # The head waited for these first bytes; they go out together.
-            self._send_head(first=data if self._replay is None else b"")
-        elif not self._chunked_up:
+            self._send_head(first=b"" if kept else data)
+        elif not out.chunked:
             upstream.transport.write(data)
         else:
-            upstream.transport.writelines(self._frames((data,)))
+            upstream.transport.writelines(out.frames((data,)))
 
     def request_end(self) -> None:
         self.request_complete = True
@@ -424,14 +380,9 @@ class Exchange:
                 return
             self.requested_model = result.requested
             self.forwarded_model = result.forwarded
-            framing = (b"content-length", b"transfer-encoding")
-            headers = [(n, v) for n, v in self._upstream_headers if n not in framing]
-            headers.append((b"content-length", b"%d" % result.length))
-            self._upstream_headers = headers
-            self._chunked_up = False
             # The (possibly rewritten) pieces go out from the replay list,
             # which also serves a retry (bounded by --max-body-bytes).
-            self._replay = result.pieces
+            self._out.replace_body(result.pieces, result.length)
             if self._route_by_body:
                 self._route()
                 return
@@ -441,12 +392,10 @@ class Exchange:
         upstream = self._upstream
         if self.phase is Phase.DONE or upstream is None:
             return
-        if not self._head_sent:
+        if not self._out.head_sent:
             self._send_head()
-        elif not self._request_sent:
-            self._request_sent = True
-            if self._chunked_up:
-                upstream.transport.write(LAST_CHUNK)
+        elif not self._out.complete:
+            upstream.transport.writelines(self._out.end())
 
     def _route(self) -> None:
         """The body is in: pick the upstreams its model routes to, then connect."""
@@ -461,7 +410,7 @@ class Exchange:
     async def _answer_model_list(self) -> None:
         """Ask every upstream for its models at once; answer with the merged list."""
         router = self.router
-        headers = [(n, v) for n, v in self._upstream_headers if n.lower() != b"host"]
+        headers = [(n, v) for n, v in self._out.headers if n.lower() != b"host"]
         try:
             lists = await fetch_model_lists(
                 router.pools.values(), self._target.split(b"?", 1)[0], headers
@@ -471,22 +420,27 @@ class Exchange:
         if not lists:
             self._fail(RelayError(502, "no upstream returned its model list", "bad_gateway"))
             return
-        body = merge_model_lists(
-            lists, model_map=self.config.model_map, routed=router.routes, strict=router.strict
+        self._answer(
+            merge_model_lists(
+                lists, model_map=self.config.model_map, routed=router.routes, strict=router.strict
+            )
         )
-        self.status = 200
-        self.metrics.requests["relay", 200] += 1
-        keep = (
-            self.request_complete and self.client.http_version == b"1.1" and not self._client_closes
-        )
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+
+    def _answer(self, body: bytes, content_type: bytes = b"application/json") -> None:
+        """relay answers this request itself: 200 with ``body``."""
+        client = self.client
+        keep = self.request_complete and client.http_version == b"1.1" and not self._client_closes
+        headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
         if not keep:
             headers.append((b"connection", b"close"))
-        head = response_head(200, b"", headers, http_version=self.client.http_version)
+        self.status = 200
+        self.metrics.requests["relay", 200] += 1
+        self._head_at = time.monotonic()
         self.bytes_to_client = len(body)
-        self.client.transport.write(head + body)
+        head = response_head(200, b"", headers, http_version=client.http_version)
+        client.transport.write(head + body)
         self._end(Ending.COMPLETE)
-        self.client.exchange_finished(keep_alive=keep)
+        client.exchange_finished(keep_alive=keep)
 
     def upstream_pause_writing(self) -> None:
         # relay stops reading the client's body: the upstream is not taking it.
@@ -669,7 +623,7 @@ class Exchange:
                 self._retried = True
                 self.phase = Phase.CONNECTING
                 self._h11 = None
-                self._head_sent = self._request_sent = False
+                self._out.retry()
                 self._task = self._loop.create_task(self._connect(fresh=True))
                 return
             self._bad_gateway("upstream closed the connection before sending a response")
@@ -678,7 +632,7 @@ class Exchange:
         return (
             not self._retried
             and not self._got_upstream_bytes
-            and self._replay is not None
+            and self._out.replay is not None
             and self._attached_reused
         )
 
@@ -687,7 +641,7 @@ class Exchange:
         if self.phase is Phase.DONE:
             return
         upstream = self._upstream
-        reusable = self._upstream_reusable and self._request_sent
+        reusable = self._upstream_reusable and self._out.complete
         keep_alive = self._keep_client and self.request_complete
         self._end(Ending.COMPLETE)
         if upstream is not None and self.pool is not None:

@@ -197,20 +197,7 @@ class TestStream(Exchange):
         )
 
     def _answer_json(self, document: object) -> None:
-        body = json.dumps(document, separators=(",", ":")).encode()
-        keep = self._keep_alive()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        if not keep:
-            headers.append((b"connection", b"close"))
-        self.status = 200
-        self.metrics.requests["relay", 200] += 1
-        self._head_at = time.monotonic()
-        self.bytes_to_client = len(body)
-        self.client.transport.write(
-            response_head(200, b"", headers, http_version=self.client.http_version) + body
-        )
-        self._end(Ending.COMPLETE)
-        self.client.exchange_finished(keep_alive=keep)
+        self._answer(json.dumps(document, separators=(",", ":")).encode())
 
     def _start_stream(self, settings: StreamerSettings) -> None:
         self._keep_client = self._keep_alive()
