@@ -49,7 +49,7 @@ _MAX_CHUNK_SIZE = 2**63 - 1
 # Extension bytes are VCHAR / obs-text / SP / HTAB; no CTLs, no bare CR/LF.
 _SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?\r\n")
 _SIZE_LINE_PREFIX = re.compile(rb"(?:[0-9A-Fa-f]{1,16}[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?)?\r?")
-_HEX_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_HEXDIGITS = b"0123456789abcdefABCDEF"
 # field-name ":" field-value CRLF; a leading SP/HTAB would be obs-fold.
 _TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n")
 _TRAILER_LINE_PREFIX = re.compile(
@@ -158,12 +158,16 @@ class ChunkedFramer(BodyFramer):
             # Fast path for the common read: whole chunks with a bare hex size
             # (what uvicorn, and so SGLang, writes for every token). Anything
             # else falls through to the state machine at the same position.
-            hex_size = _HEX_SIZE.fullmatch
             while True:
                 eol = data.find(b"\r\n", pos, pos + 18)
-                if eol < 0 or hex_size(data, pos, eol) is None:
+                if eol <= pos:
                     break
-                size = int(data[pos:eol], 16)
+                digits = data[pos:eol]
+                # 1*16HEXDIG and nothing else (int() alone would also take
+                # "0x", signs, spaces and underscores): strip leaves nothing.
+                if digits.strip(_HEXDIGITS):
+                    break
+                size = int(digits, 16)
                 after = eol + 2 + size
                 if size == 0 or data[after : after + 2] != b"\r\n":
                     break
