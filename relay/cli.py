@@ -50,7 +50,7 @@ OTHER_ENVS = (KEYS_ENV, UPSTREAM_KEY_ENV, "RELAY_PROBE_API_KEY")
 #: How long start-up waits for upstream host names to resolve before going on.
 RESOLVE_TIMEOUT = 2.0
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 _EPILOG = """\
 subcommands:

@@ -1,6 +1,6 @@
 """Logging: named loggers on stderr, and the one access-log line per exchange.
 
-``relay.error`` carries operational events; ``relay.access`` gets one line
+``relay.events`` carries operational events (start, drain, warnings, errors); ``relay.access`` gets one line
 per exchange, as text (``key=value``) or JSON (``--log-format json``), which
 journald and container runtimes collect from stderr.
 """

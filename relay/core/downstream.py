@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientConnection"]
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 #: Write buffer water marks: the client's transport pauses the upstream's
 #: reads above HIGH and resumes them below LOW (websockets and uvicorn use

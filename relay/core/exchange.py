@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Ending", "Exchange", "Phase"]
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NOT_TRIED: frozenset[UpstreamPool] = frozenset()

@@ -24,7 +24,7 @@ from .upstream import UpstreamPool
 
 __all__ = ["RelayServer", "loop_factory", "run"]
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 #: Listen backlog: bursts of new streams must queue in the kernel, not fail.
 BACKLOG = 2048

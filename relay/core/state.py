@@ -34,7 +34,7 @@ class ClientSide(Protocol):
 
 __all__ = ["ServerState", "load_keys"]
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 
 def load_keys(config: Config) -> list[NamedKey]:

@@ -21,7 +21,7 @@ from ..config import Config
 
 __all__ = ["Ticker", "tick_interval"]
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 #: Longest tick: deadlines are checked at least once a second.
 MAX_INTERVAL = 1.0

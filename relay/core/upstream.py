@@ -47,7 +47,7 @@ __all__ = [
 #: Longest passive ejection after repeated connect failures, seconds.
 MAX_EJECTION = 30.0
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 
 class ConnectError(OSError):

@@ -28,7 +28,7 @@ __all__ = ["ParentChannel", "preflight", "serve"]
 #: callback, it runs for the worker's life (reports, pings, drain orders).
 ParentChannel = Callable[[ServerState, Callable[[str], None]], Coroutine[Any, Any, None]]
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 
 def admin_protocol(state: ServerState) -> asyncio.Protocol:

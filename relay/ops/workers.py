@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WorkerSpec", "run_worker", "run_workers", "worker_channel", "worker_spec"]
 
-log = logging.getLogger("relay.error")
+log = logging.getLogger("relay.events")
 
 #: A worker that dies right after it started is restarted no faster than this.
 RESTART_BACKOFF = 1.0

@@ -381,3 +381,16 @@ def test_unit_files_verify_as_shipped(tmp_path):
     )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
     assert "Type=notify" in service and "DynamicUser=yes" in service
+
+
+def test_normal_operation_is_not_logged_as_an_error():
+    """Start-up lines are INFO under relay.events, never under an 'error' logger."""
+    lines: list[str] = []
+    process, _port = start_relay("--upstream", "127.0.0.1:9", lines=lines)
+    try:
+        listening = next(line for line in lines if "listening on" in line)
+        assert " INFO relay.events: " in listening, listening
+        assert not any("relay.error" in line for line in lines), lines
+    finally:
+        process.terminate()
+        process.wait(LIMIT)

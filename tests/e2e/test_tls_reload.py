@@ -99,7 +99,7 @@ def test_a_half_rotated_certificate_is_refused_and_new_handshakes_keep_the_old_o
     """SIGHUP between cert.pem and key.pem of a rotation fails the reload and changes
     nothing; once both are replaced new handshakes get the new certificate, and a
     connection opened before keeps working throughout."""
-    caplog.set_level(logging.INFO, logger="relay.error")
+    caplog.set_level(logging.INFO, logger="relay.events")
     ca = trustme.CA()
     old, new = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -134,7 +134,7 @@ def test_the_reload_line_counts_api_keys_in_good_english(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One key is "1 API key", two are "2 API keys"."""
-    caplog.set_level(logging.INFO, logger="relay.error")
+    caplog.set_level(logging.INFO, logger="relay.events")
     keys = tmp_path / "keys"
     keys.write_text("sk-one\n")
     with RelayThread(f"127.0.0.1:{free_port()}", api_key_file=str(keys)) as relay:
