@@ -1,8 +1,9 @@
 """Logging: named loggers on stderr, and the one access-log line per exchange.
 
-``relay.events`` carries operational events (start, drain, warnings, errors); ``relay.access`` gets one line
-per exchange, as text (``key=value``) or JSON (``--log-format json``), which
-journald and container runtimes collect from stderr.
+``relay.events`` carries operational events (start, drain, warnings,
+errors); ``relay.access`` gets one line per exchange, as text
+(``key=value``) or JSON (``--log-format json``), which journald and
+container runtimes collect from stderr.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import h11
 
 from ..http.errors import RelayError, error_response, protocol_error_message
 from ..http.headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
-from .exchange import Ending, Exchange, Phase
+from .exchange import Ending, Exchange, ModelListAnswer, Phase, request_plan
 from .teststream import serve_test_stream
 from .upstream import set_nodelay
 
@@ -248,12 +248,16 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(ticket, RelayError):
             self.send_error(ticket)
             return
-        exchange = Exchange(
+        router = self.state.router
+        plan = request_plan(request, fields, cfg, router)
+        # relay answers the merged model list itself; everything else is relayed.
+        kind = ModelListAnswer if plan.lists_models else Exchange
+        exchange = kind(
             self,
             request,
-            fields,
+            plan,
             config=cfg,
-            router=self.state.router,
+            router=router,
             metrics=self.state.metrics,
             waiting_for_continue=self._h11.they_are_waiting_for_100_continue,
             inspect_budget=self.state.inspect_budget,

@@ -60,7 +60,7 @@ from ..http.headers import response_headers_for_client as client_headers
 from ..http.inspection import BodyInspection
 from ..http.modellist import merge_model_lists
 from ..http.outgoing import OutgoingRequest
-from ..http.requestplan import plan_request
+from ..http.requestplan import RequestPlan, plan_request
 from ..http.rewrite import InspectBudget
 from .accesslog import log_exchange
 from .admission import Ticket
@@ -128,6 +128,22 @@ class Ending(enum.Enum):
     LIMIT = "limit"  # a size or rate limit ended it (413, 429)
 
 
+def request_plan(
+    request: h11.Request, fields: list[tuple[bytes, bytes]], config: Config, router: Router
+) -> RequestPlan:
+    """:func:`plan_request` for ``request`` with this relay's configuration."""
+    model_map = config.model_map
+    return plan_request(
+        request.method,
+        origin_form(request.target),
+        fields,
+        rewrites_models=bool(model_map),
+        pins_model=model_map.default is not None,
+        routes_by_model=router.routes_by_model,
+        knows_more_models=bool(model_map.aliases or router.routes or len(router.pools) > 1),
+    )
+
+
 class Exchange:
     """One request/response pair between a client connection and an upstream."""
 
@@ -135,7 +151,7 @@ class Exchange:
         self,
         client: ClientSide,
         request: h11.Request,
-        fields: list[tuple[bytes, bytes]],
+        plan: RequestPlan,
         *,
         config: Config,
         router: Router,
@@ -206,16 +222,6 @@ class Exchange:
         )
         path = origin_form(request.target)
         self._target = path
-        model_map = config.model_map
-        plan = plan_request(
-            request.method,
-            path,
-            fields,
-            rewrites_models=bool(model_map),
-            pins_model=model_map.default is not None,
-            routes_by_model=router.routes_by_model,
-            knows_more_models=bool(model_map.aliases or router.routes or len(router.pools) > 1),
-        )
         if plan.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         elif plan.length is not None:
@@ -223,12 +229,11 @@ class Exchange:
         self._out = OutgoingRequest(request.method, path, headers, chunked=plan.chunked)
         self._expects_body = plan.expects_body
         self._client_closes = plan.client_closes
-        self._lists_models = plan.lists_models
         self._route_by_body = plan.route_by_body
         self._inspection: BodyInspection | None = None
         if plan.inspect:
             self._inspection = inspection = BodyInspection(
-                inspect_budget, model_map, must_read=plan.must_read_model
+                inspect_budget, config.model_map, must_read=plan.must_read_model
             )
             # Whatever way the exchange ends, its share of the budget comes back.
             weakref.finalize(self, inspection.release)
@@ -236,9 +241,7 @@ class Exchange:
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
         self._ticker.watch(self)
-        if self._lists_models:
-            self._task = self._loop.create_task(self._answer_model_list())
-        elif self._route_by_body:
+        if self._route_by_body:
             # relay reads the whole (JSON) body before choosing an upstream,
             # so it invites the body itself, as nginx does.
             self._send_continue()
@@ -248,8 +251,8 @@ class Exchange:
     @property
     def ready_for_body(self) -> bool:
         """Whether request body bytes can be taken right now."""
-        if self._inspection is not None or self._lists_models:
-            return True  # held in memory (bounded), or there is none
+        if self._inspection is not None:
+            return True  # held in memory (bounded by the inspection budget)
         return self._upstream is not None
 
     def _send_continue(self) -> None:
@@ -406,25 +409,6 @@ class Exchange:
             return
         self._candidates = candidates
         self._connect_now()
-
-    async def _answer_model_list(self) -> None:
-        """Ask every upstream for its models at once; answer with the merged list."""
-        router = self.router
-        headers = [(n, v) for n, v in self._out.headers if n.lower() != b"host"]
-        try:
-            lists = await fetch_model_lists(
-                router.pools.values(), self._target.split(b"?", 1)[0], headers
-            )
-        finally:
-            self._task = None
-        if not lists:
-            self._fail(RelayError(502, "no upstream returned its model list", "bad_gateway"))
-            return
-        self._answer(
-            merge_model_lists(
-                lists, model_map=self.config.model_map, routed=router.routes, strict=router.strict
-            )
-        )
 
     def _answer(self, body: bytes, content_type: bytes = b"application/json") -> None:
         """relay answers this request itself: 200 with ``body``."""
@@ -795,3 +779,36 @@ def _dechunked_writer(
             payload.clear()
 
     return write
+
+
+class ModelListAnswer(Exchange):
+    """``GET /v1/models`` when relay knows more models than one upstream lists
+    (aliases, routes, several upstreams): relay asks every upstream at once and
+    answers the merged list itself."""
+
+    def start(self) -> None:
+        self._ticker.watch(self)
+        self._task = self._loop.create_task(self._answer_model_list())
+
+    @property
+    def ready_for_body(self) -> bool:
+        return True  # a GET without a body: its end of message is read at once
+
+    async def _answer_model_list(self) -> None:
+        """Ask every upstream for its models at once; answer with the merged list."""
+        router = self.router
+        headers = [(n, v) for n, v in self._out.headers if n.lower() != b"host"]
+        try:
+            lists = await fetch_model_lists(
+                router.pools.values(), self._target.split(b"?", 1)[0], headers
+            )
+        finally:
+            self._task = None
+        if not lists:
+            self._fail(RelayError(502, "no upstream returned its model list", "bad_gateway"))
+            return
+        self._answer(
+            merge_model_lists(
+                lists, model_map=self.config.model_map, routed=router.routes, strict=router.strict
+            )
+        )

@@ -28,6 +28,7 @@ from ..http.fidelity import SelfRoute, route_test_stream
 from ..http.framing import LAST_CHUNK, BodyKind, ClientFraming
 from ..http.headers import origin_form, response_head
 from ..http.headers import response_headers_for_client as client_headers
+from ..http.requestplan import plan_request
 from ..http.streamevents import EventBuilder, StreamerSettings, completion_document, overrides
 from .exchange import ClientSide, Ending, Exchange, Phase
 
@@ -88,10 +89,19 @@ class TestStream(Exchange):
         chat: bool,
         waiting: bool,
     ) -> None:
+        relayed_nothing = plan_request(
+            request.method,
+            b"/",
+            list(request.headers),
+            rewrites_models=False,
+            pins_model=False,
+            routes_by_model=False,
+            knows_more_models=False,
+        )
         super().__init__(
             client,
             request,
-            list(request.headers),
+            relayed_nothing,
             config=state.config,
             router=state.router,
             metrics=state.metrics,
