@@ -26,6 +26,7 @@ Teardown rules (relay/DESIGN.md, contracts):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import enum
 import logging
@@ -84,6 +85,8 @@ __all__ = ["Ending", "Exchange", "Phase"]
 log = logging.getLogger("relay.events")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_monotonic = time.monotonic
+_bisect_left = bisect.bisect_left
 _NOT_TRIED: frozenset[UpstreamPool] = frozenset()
 
 # h11 parses the upstream's response head, and how it reads one depends on
@@ -117,6 +120,9 @@ class Phase(enum.Enum):
     WAITING = "waiting"  # request sent (or being sent), no response head yet
     BODY = "body"  # response head forwarded, body streaming
     DONE = "done"
+
+
+_BODY = Phase.BODY  # a module global: one lookup on the hot path, not two
 
 
 class Ending(enum.Enum):
@@ -202,10 +208,12 @@ class Exchange:
         self._client_paused_since: float | None = None
         self._head_at: float | None = None
         self._first_byte_at: float | None = None
-        self._observe_gap = metrics.upstream_read_gap.observe
+        self._gap = gap = metrics.upstream_read_gap
+        self._gap_counts, self._gap_bounds = gap.counts, gap.bounds
         # Stream fidelity (core/fidelity.py): coalescing, endings, cancellation,
         # the opt-in body digest and SSE keep-alive comments.
         self._fid = StreamWatch(config, metrics)
+        self._per_read = self._fid.per_read  # the digest or keep-alives see every read
         self._client_backlog = client.transport.get_write_buffer_size
         # Keys, limits and usage (core/admission.py): the client connection sets
         # the admitted ticket; _tail keeps references to the body's last reads.
@@ -439,11 +447,13 @@ class Exchange:
 
     # -- response (called by the upstream connection) ---------------------
     def upstream_data(self, data: bytes) -> None:
-        if self.phase is Phase.BODY:
-            # The hot path. Keep it short.
-            now = time.monotonic()
+        if self.phase is _BODY:
+            # The hot path: every line here runs for every token. Keep it short.
+            now = _monotonic()
             if self._first_byte_at is not None:
-                self._observe_gap(now - self._last_upstream_byte)
+                gap = now - self._last_upstream_byte  # the gap histogram, inlined
+                self._gap_counts[_bisect_left(self._gap_bounds, gap)] += 1
+                self._gap.total += gap
             else:
                 self._first_byte_at = now
                 self.metrics.time_to_first_byte.observe(now - self._sent_at)
@@ -457,7 +467,7 @@ class Exchange:
             if taken:
                 self.bytes_to_client += taken
                 backlog = self._client_backlog()  # > 0: this read cannot go out on its own
-                if backlog or self._fid.per_read:
+                if backlog or self._per_read:
                     self._fid.read(data, taken, backlog, self.pool)
                 self._write_body(data if taken == len(data) else data[:taken])
                 self._tail(data)  # a reference for the usage, read at the end
