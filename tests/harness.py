@@ -112,6 +112,14 @@ def parse_request(raw: bytes) -> h11.Request:
     return event
 
 
+async def until(condition: Callable[[], bool], limit: float = WAIT) -> None:
+    """Wait (bounded by ``limit``) until ``condition()`` holds on this loop."""
+    async with asyncio.timeout(limit):
+        # relay's counters and gauges have no event to wait on: poll, bounded.
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with RST (SO_LINGER 0): a crash, not a clean close."""
     sock = writer.get_extra_info("socket")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -115,3 +116,11 @@ class RelayThread:
         self._thread.join(START_TIMEOUT)
         if self._thread.is_alive():
             raise TimeoutError("relay did not stop")
+
+
+def eventually(check: Callable[[], bool], limit: float = 10.0) -> None:
+    """Wait (bounded by ``limit``) from a test thread until ``check()`` holds."""
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)

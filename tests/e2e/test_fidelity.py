@@ -15,7 +15,6 @@ import logging
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable
 
 import aiohttp
 import openai
@@ -33,6 +32,7 @@ from harness import (
     run,
     setup,
     sse_chunk,
+    until,
 )
 from relayfixture import RelayThread
 from sglang_app import SGLangServer
@@ -66,14 +66,6 @@ def access():
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait (bounded by WAIT) until ``condition()`` holds on this loop."""
-    async with asyncio.timeout(WAIT):
-        # relay's counters have no event to wait on: poll them, bounded.
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
 
 
 def dechunk(body: bytes) -> list[bytes]:

@@ -10,14 +10,13 @@ import asyncio
 import json
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from relayfixture import RelayThread
+from relayfixture import RelayThread, eventually
 from sglang_app import SGLangServer
 
 from relay.http.auth import NamedKey
@@ -38,13 +37,6 @@ def sglang():
 
 def client(relay: RelayThread, key: str = "sk-team-a") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{relay.url}/v1", api_key=key, max_retries=0, timeout=LIMIT)
-
-
-def eventually(check: Callable[[], bool], limit: float = LIMIT) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def state(relay: RelayThread, read: Callable[[Any], Any]) -> Any:

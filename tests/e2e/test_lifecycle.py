@@ -24,6 +24,7 @@ from harness import (
     request_bytes,
     run,
     setup,
+    until,
 )
 
 from relay.config import parse_route, parse_upstream
@@ -33,13 +34,6 @@ from relay.core.upstream import UpstreamConnection
 from relay.http.rewrite import ModelMap
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def until(condition, limit: float = WAIT) -> None:
-    """Wait (bounded) until ``condition()`` holds."""
-    async with asyncio.timeout(limit):
-        while not condition():  # noqa: ASYNC110 -- relay state has no event to wait on
-            await asyncio.sleep(0.01)
 
 
 def pool_is_clean(relay) -> bool:

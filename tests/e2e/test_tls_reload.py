@@ -12,13 +12,12 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
-from relayfixture import RelayThread
+from relayfixture import RelayThread, eventually
 from sglang_app import SGLangServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -71,13 +70,6 @@ def gauge(relay: RelayThread, name: str) -> float:
         if family.name == name:
             return family.samples[0].value
     raise AssertionError(f"{name} not in /metrics")
-
-
-def eventually(check: Callable[[], bool], limit: float = LIMIT) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def closed_by_peer(sock: socket.socket) -> bool:

@@ -12,12 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from relayfixture import eventually
 from sglang_app import SGLangServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -97,13 +97,6 @@ class Relay:
                 self.process.kill()
 
 
-def eventually(check: Callable[[], bool], limit: float = LIMIT) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
 def gone(pid: int) -> bool:
     """The process has exited (a zombie no one reaped counts as exited)."""
     try:
@@ -162,7 +155,7 @@ def test_workers_exit_when_the_parent_is_killed(sglang):
     """SIGKILL to the parent takes its workers down within seconds."""
     relay = Relay("--upstream", sglang.url, "--workers", "2")
     try:
-        eventually(lambda: len(relay.workers()) == 2)
+        eventually(lambda: len(relay.workers()) == 2, limit=LIMIT)
         workers = relay.workers()
         relay.wait_line(r"all 2 workers ready")
         relay.process.kill()
@@ -277,7 +270,9 @@ def test_metrics_cover_every_worker_and_never_go_down(sglang):
         os.kill(workers[0], signal.SIGKILL)
         relay.wait_line(rf"worker {workers[0]} exited")
         check(scrape())
-        eventually(lambda: len(relay.workers()) == 2 and workers[0] not in relay.workers())
+        eventually(
+            lambda: len(relay.workers()) == 2 and workers[0] not in relay.workers(), limit=LIMIT
+        )
         for _ in range(6):
             batch(2)
             check(scrape())
