@@ -262,8 +262,8 @@ class ClientConnection(asyncio.Protocol):
             waiting_for_continue=self._h11.they_are_waiting_for_100_continue,
             inspect_budget=self.state.inspect_budget,
             ticker=self.state.ticker,
+            ticket=ticket,  # limits, queue slot and usage of this exchange
         )
-        exchange.ticket = ticket  # issue #14: limits, queue slot and usage of this exchange
         self.exchange = exchange
         exchange.start()
 

@@ -165,6 +165,7 @@ class Exchange:
         ticker: Ticker,
         waiting_for_continue: bool,
         inspect_budget: InspectBudget,
+        ticket: Ticket | None = None,
     ) -> None:
         self.client = client
         self.request = request
@@ -215,9 +216,9 @@ class Exchange:
         self._fid = StreamWatch(config, metrics)
         self._per_read = self._fid.per_read  # the digest or keep-alives see every read
         self._client_backlog = client.transport.get_write_buffer_size
-        # Keys, limits and usage (core/admission.py): the client connection sets
-        # the admitted ticket; _tail keeps references to the body's last reads.
-        self.ticket = Ticket(metrics)
+        # Keys, limits and usage (core/admission.py): the ticket the client
+        # connection was admitted with; _tail keeps references to the last reads.
+        self.ticket = ticket if ticket is not None else Ticket(metrics)
         self._tail: Callable[[bytes], None] = _ignore_read
 
         headers = request_headers_for_upstream(

@@ -6,8 +6,7 @@ The exchange calls in at a few points (each a clearly marked hook line):
   bytes (a *coalesced* read) or an opt-in per-read feature is on
   (``--body-digest``, ``--sse-keepalive``): :meth:`StreamWatch.read`;
 * when the response head goes out: :meth:`StreamWatch.head`;
-* from the exchange's existing deadline timer: :meth:`StreamWatch.keepalive_due`
-  and :meth:`StreamWatch.keepalive`;
+* from the server's deadline tick: :meth:`StreamWatch.keepalive`;
 * when the client left mid-response: :meth:`StreamWatch.cancel`, which closes
   the upstream and measures it;
 * in the one place an exchange ends: :meth:`StreamWatch.end`, which counts
@@ -147,15 +146,11 @@ class StreamWatch:
         if self._keepalive_bytes:
             self.last_read = data
 
-    # -- keep-alive comments (from the exchange's deadline timer) -----------------
+    # -- keep-alive comments (from the server's deadline tick) --------------------
     @property
     def keepalive_on(self) -> bool:
         """Whether this response may get keep-alive comments."""
         return bool(self._keepalive_bytes)
-
-    def keepalive_due(self, last_upstream_byte: float) -> float:
-        """When the next keep-alive is due, given the upstream's last byte."""
-        return max(last_upstream_byte, self.keepalive_at) + self.keepalive_every
 
     def keepalive(
         self, write: Callable[[bytes], object], now: float, last_upstream_byte: float
