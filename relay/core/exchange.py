@@ -64,7 +64,7 @@ from ..http.outgoing import OutgoingRequest
 from ..http.requestplan import RequestPlan, plan_request
 from ..http.rewrite import InspectBudget
 from .accesslog import log_exchange
-from .admission import Ticket
+from .admission import IGNORE_READ, Ticket
 from .fidelity import StreamWatch
 from .upstream import (
     ConnectError,
@@ -219,7 +219,7 @@ class Exchange:
         # Keys, limits and usage (core/admission.py): the ticket the client
         # connection was admitted with; _tail keeps references to the last reads.
         self.ticket = ticket if ticket is not None else Ticket(metrics)
-        self._tail: Callable[[bytes], None] = _ignore_read
+        self._tail: Callable[[bytes], None] = IGNORE_READ
 
         headers = request_headers_for_upstream(
             request.headers.raw_items(),
@@ -771,10 +771,6 @@ class Exchange:
 
     def _describe(self) -> str:
         return f"{self.request.method.decode('ascii', 'replace')} {self.request.target!r}"
-
-
-def _ignore_read(_data: bytes) -> None:
-    return None
 
 
 def _dechunked_writer(

@@ -109,12 +109,24 @@ class UpstreamConnection(asyncio.Protocol):
         set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
-        owner = self.owner
-        if owner is not None:
-            owner.upstream_data(data)
+        # Only while no exchange owns the connection: an owner gets the reads
+        # directly (see _hand_reads_to). An idle connection must not talk;
+        # whatever it says, it is done.
+        self.close()
+
+    def _hand_reads_to(self, owner: UpstreamOwner | None) -> None:
+        """Send reads straight to ``owner.upstream_data`` (None: back to this protocol).
+
+        This saves a Python call per token read on the hot path. The
+        instance attribute shadows :meth:`data_received`; ``set_protocol``
+        makes the transport look it up again (uvloop keeps the bound method
+        it was given, asyncio looks it up on every read).
+        """
+        if owner is None:
+            self.__dict__.pop("data_received", None)
         else:
-            # An idle connection must not talk; whatever it says, it is done.
-            self.close()
+            self.data_received = owner.upstream_data  # type: ignore[method-assign]
+        self.transport.set_protocol(self)
 
     def eof_received(self) -> bool | None:
         owner = self.owner
@@ -163,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
         previous = self.state
         self.state = State.CLOSED
         self.owner = None
+        self._hand_reads_to(None)
         if previous is State.IDLE:
             self.pool.forget(self)
         elif previous is State.ACTIVE:
@@ -257,6 +270,7 @@ class UpstreamPool:
     def _activate(self, conn: UpstreamConnection, owner: UpstreamOwner) -> UpstreamConnection:
         conn.state = State.ACTIVE
         conn.owner = owner
+        conn._hand_reads_to(owner)
         conn.exchanges += 1
         self.active += 1
         return conn
@@ -317,6 +331,7 @@ class UpstreamPool:
             return
         self.active -= 1
         conn.owner = None
+        conn._hand_reads_to(None)
         conn.resume_reading()
         conn.state = State.IDLE
         conn.idle_since = time.monotonic()

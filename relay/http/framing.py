@@ -49,7 +49,11 @@ _MAX_CHUNK_SIZE = 2**63 - 1
 # Extension bytes are VCHAR / obs-text / SP / HTAB; no CTLs, no bare CR/LF.
 _SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?\r\n")
 _SIZE_LINE_PREFIX = re.compile(rb"(?:[0-9A-Fa-f]{1,16}[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?)?\r?")
-_HEXDIGITS = b"0123456789abcdefABCDEF"
+#: The chunk-size lines of the fast path: canonical lower-case hex (no
+#: leading zero) for 1..4095, what uvicorn and h11 write for token-sized
+#: chunks. One dict lookup replaces a hex check and int(); other lines
+#: (upper case, leading zeros, bigger chunks, extensions) take the general path.
+_FAST_SIZES = {b"%x" % size: size for size in range(1, 4096)}
 # field-name ":" field-value CRLF; a leading SP/HTAB would be obs-fold.
 _TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n")
 _TRAILER_LINE_PREFIX = re.compile(
@@ -149,31 +153,31 @@ class ChunkedFramer(BodyFramer):
         self._trailer_bytes = 0
         self._max_trailer_bytes = max_trailer_bytes
         self.payload: list[bytes] | None = [] if dechunk else None
+        # Between whole chunks and not dechunking: the next read may take the fast path.
+        self._fast = not dechunk
 
     def feed(self, data: bytes) -> int:
         pos = 0
         end = len(data)
-        payload = self.payload
-        if self._state == _SIZE and not self._line and payload is None:
-            # Fast path for the common read: whole chunks with a bare hex size
-            # (what uvicorn, and so SGLang, writes for every token). Anything
-            # else falls through to the state machine at the same position.
+        if self._fast:
+            # The common read: whole chunks with a canonical size line (see
+            # _FAST_SIZES). Anything else falls through to the state machine
+            # at the same position, which judges it strictly.
+            sizes = _FAST_SIZES
             while True:
-                eol = data.find(b"\r\n", pos, pos + 18)
-                if eol <= pos:
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
                     break
-                digits = data[pos:eol]
-                # 1*16HEXDIG and nothing else (int() alone would also take
-                # "0x", signs, spaces and underscores): strip leaves nothing.
-                if digits.strip(_HEXDIGITS):
+                size = sizes.get(data[pos:eol])
+                if size is None:
                     break
-                size = int(digits, 16)
                 after = eol + 2 + size
-                if size == 0 or data[after : after + 2] != b"\r\n":
+                if data[after : after + 2] != b"\r\n":
                     break
                 pos = after + 2
                 if pos == end:
                     return end
+        payload = self.payload
         while pos < end:
             state = self._state
             if state == _DATA:
@@ -206,6 +210,7 @@ class ChunkedFramer(BodyFramer):
                     self._end_trailer_line()
             else:  # _DONE
                 break
+        self._fast = payload is None and self._state == _SIZE and not self._line
         return pos
 
     @property

@@ -403,3 +403,42 @@ def test_an_oversized_model_list_ends_the_exchange_once_with_a_clear_error(loop_
             assert relay.state.metrics.active_exchanges == 0
 
     run(loop_kind, main)
+
+
+def test_bytes_from_an_idle_pooled_connection_close_it(loop_kind):
+    """Reads go straight to the exchange that owns a connection; once it is pooled
+    they come back to the pool's side: stray bytes then close it, the finished
+    exchange never sees them, and the next request gets a fresh connection."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    pooled = asyncio.Event()
+
+    async def upstream(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(ok)
+        await writer.drain()
+        if up.accepted == 1:
+            await asyncio.wait_for(pooled.wait(), WAIT)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+            await writer.drain()
+        # Held open well past the test's waits: only relay can close it.
+        await asyncio.sleep(4 * WAIT)
+
+    async def main():
+        # Pooled connections outlive the test: only the stray bytes can end this one.
+        async with setup(upstream, upstream_keepalive_timeout=60.0) as (up, relay):
+            pool = relay.state.router.default[0]
+            reader, writer = await connect(relay)
+            writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert (await read_head(reader)).startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"ok"
+            await until(lambda: pool.idle_count == 1)
+            pooled.set()
+            await until(lambda: pool.idle_count == 0)  # the stray bytes closed it
+            writer.write(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert (await read_head(reader)).startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"ok"
+            assert up.accepted == 2
+            await until(lambda: settled(relay) and pool_is_clean(relay))
+            writer.close()
+
+    run(loop_kind, main)

@@ -29,6 +29,12 @@ VALID = [
     (b"A\r\n0123456789\r\n0\r\nx-trailer: 1\r\nother:two\r\n\r\n", b"0123456789"),
     (b"a\r\n0123456789\r\n1\r\n\n\r\n0\r\n\r\n", b"0123456789\n"),
     (LAST_CHUNK, b""),
+    # The fast path's canonical sizes, then what only the state machine takes.
+    (
+        b"fff\r\n" + b"x" * 4095 + b"\r\n1000\r\n" + b"y" * 4096 + b"\r\n0\r\n\r\n",
+        b"x" * 4095 + b"y" * 4096,
+    ),
+    (sse("a") + b"01\r\nz\r\n" + sse("b") + b"0\r\n\r\n", b"data: a\n\nz" + b"data: b\n\n"),
 ]
 NEXT = b"HTTP/1.1 200 OK\r\n"
 
@@ -49,6 +55,12 @@ INVALID = [
     b"5_0\r\n",
     b"\r\n",
     b"5" + b" " * 5000 + b"\r\n",
+    b"0x5\r\nhello\r\n",
+    b"0X5\r\nhello\r\n",
+    sse("a") + b"5\r\nhelloXY",
+    sse("a") + b"5\r\nhello\r\r",
+    sse("a") + b"5\r\nhello\n\r\n",
+    sse("a") + b"\r\n",
 ]
 
 
@@ -168,12 +180,13 @@ def test_close_framer_takes_everything_and_ends_at_eof():
     trailers=st.lists(st.sampled_from([b"x-a: 1\r\n", b"x-b:\r\n", b"t: v v\r\n"]), max_size=3),
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
     leading_zeros=st.booleans(),
+    lower=st.booleans(),
 )
-def test_generated_streams_round_trip(chunks, extensions, trailers, cuts, leading_zeros):
+def test_generated_streams_round_trip(chunks, extensions, trailers, cuts, leading_zeros, lower):
     """Random chunks, extensions, trailers and read boundaries: payload and length round-trip."""
     encoded = b""
     for chunk, ext in zip(chunks, extensions, strict=False):
-        size = (b"00" if leading_zeros else b"") + b"%X" % len(chunk)
+        size = (b"00" if leading_zeros else b"") + (b"%x" if lower else b"%X") % len(chunk)
         encoded += size + ext + b"\r\n" + chunk + b"\r\n"
     encoded += b"0" + extensions[-1] + b"\r\n" + b"".join(trailers) + b"\r\n"
     data = encoded + NEXT
