@@ -1,10 +1,14 @@
 """The client side of the wire: one ``asyncio.Protocol`` per accepted connection.
 
-h11 (as SERVER) parses request heads and bodies. Each request/response cycle
-gets a fresh ``h11.Connection``: relay writes the response body itself, byte
-for byte, so h11's own writer state would never reach DONE; the bytes h11
-holds beyond the request (pipelined requests) are carried over with
-``trailing_data``, and requests are answered strictly in order.
+h11 (as SERVER) parses request heads, and chunked request bodies. Each
+request/response cycle gets a fresh ``h11.Connection``: relay writes the
+response body itself, byte for byte, so h11's own writer state would never
+reach DONE; the bytes h11 holds beyond the request (pipelined requests) are
+carried over with ``trailing_data``, and requests are answered strictly in
+order. A body of known length (``Content-Length``, or none at all) is counted
+off by relay itself once h11 has parsed its head: h11's events for it cost
+more than the rest of the body's way (issue #13), and there is nothing in
+such a body to parse.
 
 While an exchange is in flight relay keeps reading from the client, so that a
 client that goes away is noticed at once (and the upstream generation is
@@ -66,6 +70,13 @@ class ClientConnection(asyncio.Protocol):
         self._paused_for_buffer = False
         self._paused_for_upstream = False
         self._closed = False
+        # A body of known length read without h11 (see the module docstring):
+        # the bytes still to come, and what came and was not taken yet (body
+        # the exchange cannot take now, then the next request's bytes).
+        self._own_body = False
+        self._body_left = 0
+        self._pending = bytearray()
+        self._pending_eof = False  # h11 had seen the end of the input
         self._cycle_started = time.monotonic()
         self._idle = True
         # The deadline of the current wait (keep-alive or head), checked by the
@@ -106,6 +117,9 @@ class ClientConnection(asyncio.Protocol):
             self._idle = False
             self._cycle_started = time.monotonic()
             self._deadline = self._cycle_started + self.config.client_head_timeout
+        if self._own_body:
+            self._body_data(data)
+            return
         if self._reading_head:
             self._head_bytes += data
         self._h11.receive_data(data)
@@ -160,6 +174,12 @@ class ClientConnection(asyncio.Protocol):
                 break
             if isinstance(event, h11.Request):
                 self._on_request(event)
+                if self._own_body:
+                    data, self._pending_eof = conn.trailing_data
+                    self._take_body(data)
+                    if not self._body_left:  # no body at all
+                        self._body_done()
+                    return
             elif isinstance(event, h11.Data):
                 self._on_body(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -169,6 +189,48 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
                 return
         self._bound_buffer()
+
+    # -- a body of known length, without h11 -----------------------------------------
+    def _body_data(self, data: bytes) -> None:
+        if self._pending or not self._body_wanted():
+            self._pending += data  # in order, after what already waits
+            self._unprocessed = len(self._pending)
+            self._bound_buffer()
+            return
+        self._take_body(data)
+
+    def _body_wanted(self) -> bool:
+        """Whether the exchange takes body bytes now (false: they wait, bounded)."""
+        exchange = self.exchange
+        return self._body_left > 0 and (exchange is None or exchange.ready_for_body)
+
+    def _take_body(self, data: bytes) -> None:
+        """``data`` continues the input: the body's part goes on; the rest waits,
+        for the exchange (not ready for body yet) or for the next cycle."""
+        left = self._body_left
+        body = b""
+        if left and self._body_wanted():
+            body = data if len(data) <= left else data[:left]
+            self._body_left = left = left - len(body)
+            data = data[len(body) :] if len(body) < len(data) else b""
+        if data:
+            self._pending += data
+        self._unprocessed = len(self._pending)
+        self._bound_buffer()
+        if body:
+            self._on_body(body)
+            if not left:
+                self._body_done()
+
+    def _body_done(self) -> None:
+        if not self._closed and self.exchange is not None:
+            self.exchange.request_end()
+
+    def _body_unread(self) -> bool:
+        """Whether the client may still be sending this request's body."""
+        if self._own_body:
+            return self._body_left > 0
+        return self._h11.their_state is h11.SEND_BODY
 
     def _bound_buffer(self) -> None:
         """Stop reading while h11 holds more unprocessed bytes than a head may be."""
@@ -265,6 +327,9 @@ class ClientConnection(asyncio.Protocol):
             ticket=ticket,  # limits, queue slot and usage of this exchange
         )
         self.exchange = exchange
+        # Not chunked: relay counts the body off itself (none at all is length 0).
+        self._own_body = not plan.chunked
+        self._body_left = int(plan.length) if plan.length is not None else 0
         exchange.start()
 
     def _on_body(self, data: bytes) -> None:
@@ -297,8 +362,14 @@ class ClientConnection(asyncio.Protocol):
 
     # -- called by the exchange ----------------------------------------------
     def exchange_ready_for_body(self) -> None:
-        if not self._closed:
+        if self._closed:
+            return
+        if not self._own_body:
             self._process()
+        elif self._pending and self._body_left:
+            data = bytes(self._pending)
+            self._pending.clear()
+            self._take_body(data)
 
     def exchange_finished(self, *, keep_alive: bool) -> None:
         self.exchange = None
@@ -314,7 +385,13 @@ class ClientConnection(asyncio.Protocol):
             self._close_after_answer()
             return
         # Next cycle: a fresh h11 connection, seeded with what is buffered.
-        data, closed = self._h11.trailing_data
+        if self._own_body:
+            data, closed = bytes(self._pending), self._pending_eof
+            self._own_body = False
+            self._body_left = 0
+            self._pending.clear()
+        else:
+            data, closed = self._h11.trailing_data
         self._h11 = self._new_h11()
         self._reading_head = True
         self._head_bytes = bytearray(data)
@@ -348,7 +425,7 @@ class ClientConnection(asyncio.Protocol):
         as nginx's lingering close does, relay shuts down its sending side
         and reads and drops what still comes, for a bounded time.
         """
-        if self._closed or self._h11.their_state is not h11.SEND_BODY:
+        if self._closed or not self._body_unread():
             self.close()
             return
         if not self.transport.can_write_eof():
