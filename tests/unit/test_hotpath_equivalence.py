@@ -1,0 +1,210 @@
+"""The per-request fast paths give what the plain versions they replaced gave.
+
+Issue #13 made relay's per-request functions cheaper: one pass over a head's
+fields, ``Connection`` parsed only when one came, a regex call only where a
+bytes method cannot do. ``hotpath_reference`` keeps the plain versions; every
+function here is run over a corpus (and Hypothesis' examples) against its
+reference: same output bytes, same errors.
+"""
+
+from __future__ import annotations
+
+import hotpath_reference as ref
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.http import headers
+
+# Names with a role somewhere in the header policy, plus plain ones and names
+# that only ever appear as Connection tokens.
+NAMES = [
+    b"host",
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"expect",
+    b"content-length",
+    b"transfer-encoding",
+    b"content-type",
+    b"via",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-accel-buffering",
+    b"authorization",
+    b"x-api-key",
+    b"set-cookie",
+    b"x-a",
+    b"close",
+]
+VALUES = [
+    b"",
+    b"1",
+    b"close",
+    b"keep-alive",
+    b"Keep-Alive, X-A",
+    b" close ,, upgrade",
+    b"text/event-stream",
+    b"Text/Event-Stream; charset=utf-8",
+    b"application/json",
+    b"1.0 front",
+    b"chunked",
+]
+
+
+def _cased(name: bytes, mask: int) -> bytes:
+    return bytes(
+        c - 32 if 97 <= c <= 122 and mask >> (i % 16) & 1 else c for i, c in enumerate(name)
+    )
+
+
+names = st.builds(_cased, st.sampled_from(NAMES), st.integers(0, 0xFFFF))
+values = st.one_of(
+    st.sampled_from(VALUES),
+    st.lists(st.sampled_from([*NAMES, b" ", b",", b"", b"X-Other"])).map(b",".join),
+)
+fields = st.lists(st.tuples(names, values), max_size=12)
+
+# Hand-picked cases, each a path of its own: Connection naming nothing,
+# fields dropped already, plain fields, fields with a role (Host, Via, lists,
+# Content-Type), several Connection lines, and list fields from a proxy in front.
+CORPUS: list[list[tuple[bytes, bytes]]] = [
+    [],
+    [(b"Host", b"a"), (b"Content-Length", b"73"), (b"Content-Type", b"application/json")],
+    [(b"Host", b"a"), (b"Connection", b"keep-alive")],
+    [(b"Host", b"a"), (b"Connection", b"close")],
+    [(b"Host", b"a"), (b"Connection", b"close, X-A"), (b"X-A", b"1"), (b"x-b", b"2")],
+    [(b"Connection", b"host"), (b"Host", b"a")],
+    [(b"Connection", b"Via, X-Forwarded-For"), (b"Via", b"1.0 a"), (b"X-Forwarded-For", b"1")],
+    [(b"Connection", b"content-type"), (b"Content-Type", b"text/event-stream")],
+    [(b"Connection", b"x-accel-buffering"), (b"X-Accel-Buffering", b"yes")],
+    [(b"connection", b"x-a"), (b"Connection", b"x-b"), (b"X-A", b"1"), (b"X-B", b"2")],
+    [(b"Connection", b",,"), (b"Connection", b"")],
+    [(b"X-Forwarded-For", b"1"), (b"x-forwarded-for", b"2"), (b"Via", b"a"), (b"VIA", b"b")],
+    [(b"Content-Type", b"text/plain"), (b"content-type", b"text/event-stream")],
+    [(b"Content-Type", b"text/event-stream"), (b"X-Accel-Buffering", b"yes")],
+    [(b"Trailer", b"x"), (b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"1")],
+    [(b"Authorization", b"Bearer c"), (b"X-Api-Key", b"k"), (b"Connection", b"authorization")],
+    [(b"Server", b"nginx"), (b"Date", b"x"), (b"Connection", b"keep-alive")],
+]
+
+
+def _same(fast, slow, *args, **kwargs):
+    """Both give the same value, or both raise the same error."""
+    try:
+        expected = slow(*args, **kwargs)
+    except Exception as exc:  # the very error is compared
+        with pytest.raises(type(exc)) as raised:
+            fast(*args, **kwargs)
+        assert str(raised.value) == str(exc)
+        assert getattr(raised.value, "status", None) == getattr(exc, "status", None)
+        return
+    assert fast(*args, **kwargs) == expected
+
+
+def _check_fields(raw: list[tuple[bytes, bytes]]) -> None:
+    for strip in (False, True):
+        for key in (None, "up-key"):
+            _same(
+                headers.request_headers_for_upstream,
+                ref.request_headers_for_upstream,
+                raw,
+                client_host="10.0.0.1",
+                scheme="https",
+                upstream_authority="up:8000",
+                strip_credentials=strip,
+                upstream_key=key,
+            )
+    for framing in (False, True):
+        for trailer in (False, True):
+            _same(
+                headers.response_headers_for_client,
+                ref.response_headers_for_client,
+                raw,
+                keep_framing=framing,
+                keep_trailer=trailer,
+            )
+    for token in (b"close", b"keep-alive", b"x-a", b""):
+        _same(headers.has_token, ref.has_token, raw, b"connection", token)
+    lower = [(name.lower(), value) for name, value in raw]
+    _same(headers.check_request_headers, ref.check_request_headers, lower)
+    _same(headers.request_head, ref.request_head, b"POST", b"/v1/x?a=1", raw)
+    for status, reason in ((200, b""), (200, b"Fine"), (599, b""), (103, b"")):
+        _same(headers.response_head, ref.response_head, status, reason, raw)
+    _same(headers.response_head, ref.response_head, 200, b"", raw, http_version=b"1.0")
+
+
+@pytest.mark.parametrize("raw", CORPUS)
+def test_field_functions_match_the_reference_on_the_corpus(raw):
+    """Each hand-picked head gets the same fields, tokens, checks and bytes as before."""
+    _check_fields(raw)
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields)
+def test_field_functions_match_the_reference_on_any_fields(raw):
+    """Any mix of roles, cases and Connection lists gets what the plain versions gave."""
+    _check_fields(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(names, st.binary(max_size=6))))
+def test_field_value_checks_match_the_reference(raw):
+    """Control bytes are refused in the same field, with the same message, as before."""
+    _same(headers.check_request_headers, ref.check_request_headers, raw)
+
+
+HEAD_PIECES = [
+    b"GET / HTTP/1.1",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b"\r\n\r\n",
+    b"\n\n",
+    b"\n\r\n",
+    b" ",
+    b"\t",
+    b"Content-Length",
+    b"content-length",
+    b"CONTENT-length ",
+    b":",
+    b": 3",
+    b"3, 3",
+    b"X",
+    b"body",
+]
+HEADS = [
+    b"",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: a\n\nbody",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\nbody\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\n\r\nbody\n\n",
+    b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n3\r\nContent-Length: 3\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length : 3\r\ncontent-length: 3\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a",
+    b"\r\n\r\n",
+    b"\n\n",
+    b"\r\n\n",
+    b"\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw_head", HEADS)
+def test_raw_head_functions_match_the_reference_on_the_corpus(raw_head):
+    """Each hand-picked head ends where it did and has the problem it had."""
+    assert headers.head_length(raw_head) == ref.head_length(raw_head)
+    assert headers.find_head_problem(raw_head) == ref.find_head_problem(raw_head)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(HEAD_PIECES), max_size=24).map(b"".join))
+def test_raw_head_functions_match_the_reference(raw_head):
+    """Any mix of line ends, folds and Content-Length lines is read as before."""
+    assert headers.head_length(raw_head) == ref.head_length(raw_head)
+    assert headers.find_head_problem(raw_head) == ref.find_head_problem(raw_head)
