@@ -277,3 +277,46 @@ def response_head(
     parts.extend(b"%b: %b\r\n" % pair for pair in headers)
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+# -- relay/http/usage.py ------------------------------------------------------
+
+from typing import Any
+
+from relay.http.usage import MAX_JSON_BYTES, NO_USAGE, Usage, _dechunk
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _from_document(document: Any) -> Usage | None:
+    """Usage from one decoded JSON document (OpenAI ``usage`` or SGLang ``meta_info``)."""
+    if not isinstance(document, dict):
+        return None
+    model = document.get("model")
+    model = model if isinstance(model, str) else None
+    for member in ("usage", "meta_info"):
+        usage = document.get(member)
+        if isinstance(usage, dict):
+            prompt = _count(usage.get("prompt_tokens"))
+            completion = _count(usage.get("completion_tokens"))
+            if prompt is not None and completion is not None:
+                return Usage(prompt, completion, "reported", model)
+    return None
+
+
+def usage_from_json(reads: Sequence[bytes], *, chunked: bool) -> Usage:
+    """The usage of a whole non-streaming body, given as the reads that carried it."""
+    if sum(map(len, reads)) > MAX_JSON_BYTES + 64 * 1024:
+        return NO_USAGE
+    body: bytes | None = b"".join(reads)
+    if chunked:
+        body = _dechunk(body)
+    if body is None or len(body) > MAX_JSON_BYTES:
+        return NO_USAGE
+    try:
+        document = json.loads(body)
+    except ValueError:  # not JSON, not UTF-8, or compressed
+        return NO_USAGE
+    return _from_document(document) or NO_USAGE

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.http import headers
+from relay.http.usage import usage_from_json
 
 # Names with a role somewhere in the header policy, plus plain ones and names
 # that only ever appear as Connection tokens.
@@ -208,3 +209,61 @@ def test_raw_head_functions_match_the_reference(raw_head):
     """Any mix of line ends, folds and Content-Length lines is read as before."""
     assert headers.head_length(raw_head) == ref.head_length(raw_head)
     assert headers.find_head_problem(raw_head) == ref.find_head_problem(raw_head)
+
+
+_USAGE = b'"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}'
+BODIES = [
+    b"",
+    b"{",
+    b"{}",
+    b"[]",
+    b"null",
+    b'{"model":"m",' + _USAGE + b"}",
+    b'{"model":"m",' + _USAGE + b"}\n",
+    b'{"model":"m",' + _USAGE + b"} \t\r\n ",
+    b'{"model":"m",' + _USAGE + b"}\x0b",
+    b'{"model":"m",' + _USAGE + b"} x",
+    b'{"model":"m",' + _USAGE + b"}{}",
+    b' {"model":"m",' + _USAGE + b"}",
+    b'\xef\xbb\xbf{"model":"m",' + _USAGE + b"}",
+    '{"model":"m",'.encode("utf-16-le")
+    + _USAGE.decode().encode("utf-16-le")
+    + "}".encode("utf-16-le"),
+    '{"model":"m",'.encode("utf-32")
+    + _USAGE.decode().encode("utf-32")[4:]
+    + "}".encode("utf-32")[4:],
+    b'{"model":"\xff",' + _USAGE + b"}",
+    b'{"model":"\xed\xa0\x80",' + _USAGE + b"}",
+    b'{"model":"\\ud800",' + _USAGE + b"}",
+    b'{"model":"\xc3\xa9",' + _USAGE + b"}",
+    b'{"meta_info":{"prompt_tokens":3,"completion_tokens":true}}',
+    b'{"meta_info":{"prompt_tokens":3,"completion_tokens":4},"model":7}',
+    b'{"usage":{"prompt_tokens":-1,"completion_tokens":4}}',
+    b'{"usage":{"prompt_tokens":1.0,"completion_tokens":4}}',
+    b'{"usage":null,"meta_info":{"prompt_tokens":1,"completion_tokens":2}}',
+    b'{"a":NaN,' + _USAGE + b"}",
+    b"{\x00\x00\x00",
+    b"{\x00",
+]
+
+
+def _chunked(body: bytes) -> list[bytes]:
+    return [b"%x\r\n%b\r\n" % (len(body), body), b"0\r\n\r\n"] if body else [b"0\r\n\r\n"]
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_json_usage_matches_the_reference(body):
+    """Each body, whole or chunked, in one read or several, gets the usage it got before."""
+    for reads in ([body], [body[:5], body[5:]], _chunked(body)):
+        chunked = reads[-1].endswith(b"0\r\n\r\n")
+        got = usage_from_json(reads, chunked=chunked)
+        expected = ref.usage_from_json(reads, chunked=chunked)
+        assert (got, got.total, type(got)) == (expected, expected.total, type(expected))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.sampled_from([b"{", b"", b" {", b'{"usage":{']))
+def test_json_usage_matches_the_reference_on_any_bytes(tail, start):
+    """Any bytes, JSON or not, get the usage (or none) they got before."""
+    body = start + tail
+    assert usage_from_json([body], chunked=False) == ref.usage_from_json([body], chunked=False)
