@@ -320,3 +320,145 @@ def usage_from_json(reads: Sequence[bytes], *, chunked: bool) -> Usage:
     except ValueError:  # not JSON, not UTF-8, or compressed
         return NO_USAGE
     return _from_document(document) or NO_USAGE
+
+
+# -- relay/http/requestplan.py ------------------------------------------------
+
+from relay.http.requestplan import RequestPlan
+
+_MODEL_LISTS = (b"/v1/models", b"/models")
+
+
+def is_json_or_untyped(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return True
+
+
+def plan_request(
+    method: bytes,
+    path: bytes,
+    fields: Sequence[tuple[bytes, bytes]],
+    *,
+    rewrites_models: bool,
+    pins_model: bool,
+    routes_by_model: bool,
+    knows_more_models: bool,
+) -> RequestPlan:
+    expects_body = chunked = False
+    length: bytes | None = None
+    for name, value in fields:
+        if name == b"content-length":
+            length = value
+            expects_body = value != b"0"
+        elif name == b"transfer-encoding":
+            expects_body = chunked = True
+    must_read = pins_model or routes_by_model
+    inspect = (
+        (rewrites_models or routes_by_model)
+        and method == b"POST"
+        and expects_body
+        and (must_read or is_json_or_untyped(fields))
+    )
+    return RequestPlan(
+        expects_body=expects_body,
+        chunked=chunked,
+        length=length,
+        client_closes=has_token(fields, b"connection", b"close"),
+        lists_models=method == b"GET"
+        and not expects_body
+        and knows_more_models
+        and path.split(b"?", 1)[0] in _MODEL_LISTS,
+        inspect=inspect,
+        must_read_model=must_read,
+        route_by_body=inspect and routes_by_model,
+    )
+
+
+# -- relay/http/outgoing.py ---------------------------------------------------
+
+from relay.http.framing import LAST_CHUNK
+from relay.http.outgoing import REPLAY_LIMIT
+
+HeaderList = list[tuple[bytes, bytes]]
+
+
+class OutgoingRequest:
+    """What to write upstream, step by step; the caller writes the bytes it returns.
+
+    ``head_sent`` turns true with :meth:`head`; ``complete`` when the whole
+    request (its end included) has been handed out.
+    """
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: HeaderList,
+        *,
+        chunked: bool,
+        replay_limit: int = REPLAY_LIMIT,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.chunked = chunked
+        self.head_sent = False
+        self.complete = False
+        self.replay: list[bytes] | None = []  # pieces handed out so far (None: too many)
+        self._replay_size = 0
+        self._replay_limit = replay_limit
+
+    def replace_body(self, pieces: list[bytes], length: int) -> None:
+        """The whole (inspected, maybe rewritten) body, sent with a Content-Length."""
+        framing = (b"content-length", b"transfer-encoding")
+        self.headers = [(n, v) for n, v in self.headers if n not in framing]
+        self.headers.append((b"content-length", b"%d" % length))
+        self.chunked = False
+        self.replay = pieces
+
+    def remember(self, data: bytes) -> bool:
+        """Keep ``data`` for a replay; false once the body is too big to replay."""
+        if self.replay is None:
+            return False
+        self._replay_size += len(data)
+        if self._replay_size > self._replay_limit:
+            self.replay = None
+            return False
+        self.replay.append(data)
+        return True
+
+    def frames(self, pieces: Iterable[bytes]) -> list[bytes]:
+        """Body pieces as they go upstream: as they are, or each as one chunk."""
+        if not self.chunked:
+            return [piece for piece in pieces if piece]
+        out: list[bytes] = []
+        for piece in pieces:
+            if piece:
+                out += (b"%x\r\n" % len(piece), piece, b"\r\n")
+        return out
+
+    def head(self, first: bytes = b"", *, ends: bool) -> list[bytes]:
+        """The head with the body handed out so far (and ``first``), for one write.
+
+        ``ends``: the client's request is complete, so its end goes too.
+        """
+        parts = [request_head(self.method, self.target, self.headers)]
+        parts += self.frames(self.replay or ())
+        if first:
+            parts += self.frames((first,))
+        self.head_sent = True
+        if ends:
+            parts += self.end()
+        return parts
+
+    def end(self) -> list[bytes]:
+        """The request's end: the last chunk, or nothing for a sized body."""
+        self.complete = True
+        return [LAST_CHUNK] if self.chunked else []
+
+    def retry(self) -> None:
+        """A fresh connection: everything goes out again from the head."""
+        self.head_sent = self.complete = False

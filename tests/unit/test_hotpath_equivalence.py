@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hotpath_reference as ref
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.http import headers
+from relay.http.outgoing import OutgoingRequest
+from relay.http.requestplan import plan_request
 from relay.http.usage import usage_from_json
 
 # Names with a role somewhere in the header policy, plus plain ones and names
@@ -267,3 +269,70 @@ def test_json_usage_matches_the_reference_on_any_bytes(tail, start):
     """Any bytes, JSON or not, get the usage (or none) they got before."""
     body = start + tail
     assert usage_from_json([body], chunked=False) == ref.usage_from_json([body], chunked=False)
+
+
+lower_fields = st.lists(
+    st.tuples(
+        st.sampled_from(NAMES),
+        st.one_of(st.sampled_from([*VALUES, b"0", b"12", b"CLOSE", b"x-close"]), values),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from([b"GET", b"POST", b"PUT", b"HEAD"]),
+    st.sampled_from([b"/v1/models", b"/models?x=1", b"/v1/chat/completions", b"/"]),
+    lower_fields,
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+@example(b"POST", b"/", [(b"connection", b"close"), (b"connection", b"x")], 0, 0, 0, 0)
+@example(b"POST", b"/", [(b"connection", b"x, Close ,y"), (b"content-length", b"0")], 0, 0, 0, 0)
+def test_request_plan_matches_the_reference(method, path, fields, rewrites, pins, routes, more):
+    """Any request head (h11's lower-case names) gets the plan it got before, field for field."""
+    flags = {
+        "rewrites_models": rewrites,
+        "pins_model": pins,
+        "routes_by_model": routes,
+        "knows_more_models": more,
+    }
+    got = plan_request(method, path, fields, **flags)
+    expected = ref.plan_request(method, path, fields, **flags)
+    assert got == expected
+    assert vars(got) == vars(expected)
+
+
+def _state(out):
+    return (out.head_sent, out.complete, out.chunked, out.replay, out.headers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.booleans(),
+    st.lists(st.sampled_from([b"", b"a", b"bc", b"defgh"]), max_size=5),
+    st.sampled_from([b"", b"xy"]),
+    st.booleans(),
+    st.integers(0, 12),
+    st.lists(st.sampled_from([b"", b"tail"]), max_size=3),
+)
+def test_outgoing_request_matches_the_reference(chunked, early, first, ends, limit, late):
+    """Pieces kept before the head, the head with them, the rest and a retry: same bytes."""
+    fields = [(b"host", b"a"), (b"content-length", b"9")]
+    fast = OutgoingRequest(b"POST", b"/x", list(fields), chunked=chunked, replay_limit=limit)
+    slow = ref.OutgoingRequest(b"POST", b"/x", list(fields), chunked=chunked, replay_limit=limit)
+    for piece in early:
+        assert fast.remember(piece) == slow.remember(piece)
+    assert fast.head(first, ends=ends) == slow.head(first, ends=ends)
+    assert _state(fast) == _state(slow)
+    for piece in late:
+        assert fast.remember(piece) == slow.remember(piece)
+        assert fast.frames((piece,)) == slow.frames((piece,))
+    assert fast.end() == slow.end()
+    fast.retry()
+    slow.retry()
+    assert fast.head(ends=True) == slow.head(ends=True)
+    assert _state(fast) == _state(slow)
