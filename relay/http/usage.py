@@ -102,19 +102,30 @@ _DECODER = json.JSONDecoder()
 
 
 def _loads(body: bytes) -> Any:
-    """``json.loads(body)``, cheaper for the usual body: a UTF-8 JSON object.
+    """``json.loads(body)``, or None when that cannot be a dict; cheaper for the usual
+    body (a UTF-8 JSON object) and for a body that is no JSON object at all.
 
     For a body starting ``{`` and no NUL (no BOM, not UTF-16/32) ``json.loads``
     decodes UTF-8 and reads one document with nothing but JSON whitespace
     after it; this does the same without its dispatch and encoding sniffing.
     """
-    if body[:1] == b"{" and body[1:2] != b"\x00":
+    first = body[:1]
+    if first == b"{" and body[1:2] != b"\x00":
         text = body.decode("utf-8", "surrogatepass")
         document, end = _DECODER.raw_decode(text)
         if end != len(text) and text[end:].strip(" \t\n\r"):
             raise ValueError("extra data after the JSON document")
         return document
+    if first and first not in _MAY_START_AN_OBJECT:
+        # Whatever the rest, no JSON object (the only document with a usage)
+        # starts here: json.loads would fail, or give a list, string or number.
+        return None
     return json.loads(body)
+
+
+#: First bytes of a body that may still be a JSON object: ``{``, JSON
+#: whitespace, and those of a BOM or of UTF-16/32 (json.loads sniffs these).
+_MAY_START_AN_OBJECT = b"{ \t\n\r\x00\xef\xfe\xff"
 
 
 def _dechunk(data: bytes) -> bytes | None:

@@ -246,6 +246,15 @@ BODIES = [
     b'{"a":NaN,' + _USAGE + b"}",
     b"{\x00\x00\x00",
     b"{\x00",
+    b"x" * 57,
+    b"[" + _USAGE + b"]",
+    b'"usage"',
+    b"123",
+    b"\xa0{" + _USAGE + b"}",
+    " {".encode("utf-16-le") + _USAGE.decode().encode("utf-16-le") + "}".encode("utf-16-le"),
+    "{".encode("utf-16-be") + _USAGE.decode().encode("utf-16-be") + "}".encode("utf-16-be"),
+    "\ufeff{".encode("utf-16-le") + _USAGE.decode().encode("utf-16-le") + "}".encode("utf-16-le"),
+    b"\r\n\t {" + _USAGE + b"}",
 ]
 
 
@@ -264,7 +273,10 @@ def test_json_usage_matches_the_reference(body):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=40), st.sampled_from([b"{", b"", b" {", b'{"usage":{']))
+@given(
+    st.binary(max_size=40),
+    st.sampled_from([b"{", b"", b" {", b'{"usage":{', b"[", b"x", b" \x00", b"\xef\xbb\xbf{"]),
+)
 def test_json_usage_matches_the_reference_on_any_bytes(tail, start):
     """Any bytes, JSON or not, get the usage (or none) they got before."""
     body = start + tail
