@@ -462,3 +462,30 @@ class OutgoingRequest:
     def retry(self) -> None:
         """A fresh connection: everything goes out again from the head."""
         self.head_sent = self.complete = False
+
+
+# -- relay/core/upstream.py ---------------------------------------------------
+
+import time
+
+from relay.core.upstream import Balancer
+
+
+class ReferenceBalancer(Balancer):
+    """:class:`Balancer` with the choose() it had, before the one-candidate shortcut."""
+
+    def choose(self, candidates, exclude):
+        remaining = [pool for pool in candidates if pool not in exclude]
+        if not remaining:
+            return None
+        now = time.monotonic()
+        pools = [pool for pool in remaining if pool.available(now)] or remaining
+        self._turn += 1
+        if self.policy == "round-robin" or len(pools) == 1:
+            return pools[self._turn % len(pools)]
+        if self.policy == "random-two":
+            first, second = self._random.sample(pools, 2)
+            return first if first.outstanding <= second.outstanding else second
+        start = self._turn % len(pools)
+        rotated = pools[start:] + pools[:start]
+        return min(rotated, key=lambda pool: pool.outstanding)

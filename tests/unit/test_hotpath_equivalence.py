@@ -14,6 +14,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from relay.core.upstream import Balancer
 from relay.http import headers
 from relay.http.outgoing import OutgoingRequest
 from relay.http.requestplan import plan_request
@@ -348,3 +349,35 @@ def test_outgoing_request_matches_the_reference(chunked, early, first, ends, lim
     slow.retry()
     assert fast.head(ends=True) == slow.head(ends=True)
     assert _state(fast) == _state(slow)
+
+
+class _Pool:
+    def __init__(self, name: int, outstanding: int, up: bool) -> None:
+        self.name, self.outstanding, self.up = name, outstanding, up
+
+    def available(self, now: float) -> bool:
+        return self.up
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["least-requests", "random-two", "round-robin"]),
+    st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=0, max_size=3),
+            st.integers(0, 7),
+        ),
+        max_size=8,
+    ),
+)
+def test_balancer_matches_the_reference(policy, rounds):
+    """One candidate or several, excluded, ejected or busy: the same pool, turn after turn."""
+    fast, slow = Balancer(policy), ref.ReferenceBalancer(policy)
+    fast._random.seed(7)
+    slow._random.seed(7)
+    for specs, excluded in rounds:
+        pools = [_Pool(i, n, up) for i, (n, up) in enumerate(specs)]
+        exclude = {pool for pool in pools if excluded >> pool.name & 1}
+        got, expected = fast.choose(pools, exclude), slow.choose(pools, exclude)
+        assert (got and got.name) == (expected and expected.name)
+        assert fast._turn == slow._turn
