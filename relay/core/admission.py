@@ -138,6 +138,19 @@ class Gate:
 class Ticket:
     """One exchange's share of the limits, and its usage."""
 
+    # One per request: slots make it smaller and its attributes cheaper to set.
+    __slots__ = (
+        "_chunked",
+        "_gate",
+        "_kind",
+        "_reads",
+        "_settled",
+        "admission",
+        "budget",
+        "label",
+        "metrics",
+    )
+
     def __init__(
         self,
         metrics: Metrics,
@@ -249,7 +262,8 @@ class Ticket:
             metrics.tokens[label, model, "prompt"] += usage.prompt
             metrics.tokens[label, model, "completion"] += usage.completion
         metrics.usage[label, usage.source] += 1
-        self._leave_gate()
+        if self._gate is not None:
+            self._leave_gate()
         if admission is not None:
             admission.in_flight[label] -= 1
             if self.budget is not None:
@@ -291,12 +305,12 @@ class Admission:
     def admit(self, key: str | None, client_host: str) -> Ticket | RelayError:
         """A ticket for a request of ``key`` (None: no keys configured), or a 429."""
         if key is None:
-            label, budget_id, limits = ANONYMOUS, "addr:" + client_host, self.defaults
+            label, limits = ANONYMOUS, self.defaults
         else:
-            label, budget_id = key, "key:" + key
-            limits = self._limits.get(key, self.defaults)
+            label, limits = key, self._limits.get(key, self.defaults)
         budget = None
         if limits.concurrent or limits.rpm or limits.tpm:
+            budget_id = "addr:" + client_host if key is None else "key:" + key
             now = time.monotonic()
             budget = self._budgets.get(budget_id)
             if budget is None:

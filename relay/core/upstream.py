@@ -382,6 +382,14 @@ class Balancer:
     def choose(
         self, candidates: Sequence[UpstreamPool], exclude: set[UpstreamPool]
     ) -> UpstreamPool | None:
+        if len(candidates) == 1:
+            # One upstream (the usual deployment): every policy takes it, whether
+            # it is available or not; only the turn moves on, as below.
+            pool = candidates[0]
+            if pool in exclude:
+                return None
+            self._turn += 1
+            return pool
         remaining = [pool for pool in candidates if pool not in exclude]
         if not remaining:
             return None

@@ -57,6 +57,40 @@ _RESPONSE_DROPS = _HOP_BY_HOP | _FRAMING
 #: List fields relay appends its own entry to (duplicate lines merged).
 _LISTS_ADDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"via"})
 
+# What the one pass over a head's fields does with each (lower-case) name; a
+# name not in the table is kept as it is: one dict lookup a field instead of
+# several set tests. ``Connection`` is dropped and its values collected; only
+# if they name a field the table keeps (``keep-alive`` is dropped anyway) does
+# the pass run again with those names dropped too.
+_DROP, _CONNECTION, _LIST, _HOST, _VIA, _ACCEL, _CONTENT_TYPE = range(7)
+_Kinds = dict[bytes, int]
+_GONE = (_DROP, _CONNECTION)
+_EMPTY: frozenset[bytes] = frozenset()
+
+_REQUEST_KINDS: _Kinds = {
+    **dict.fromkeys(_REQUEST_DROPS, _DROP),
+    **dict.fromkeys(_LISTS_ADDED, _LIST),
+    b"host": _HOST,
+    b"connection": _CONNECTION,
+}
+_REQUEST_KINDS_NO_CREDENTIALS: _Kinds = {**_REQUEST_KINDS, **dict.fromkeys(_CREDENTIALS, _DROP)}
+
+
+def _response_kinds(drops: frozenset[bytes]) -> _Kinds:
+    return {
+        **dict.fromkeys(drops, _DROP),
+        b"via": _VIA,
+        b"x-accel-buffering": _ACCEL,
+        b"content-type": _CONTENT_TYPE,
+        b"connection": _CONNECTION,
+    }
+
+
+_KEEP_FRAMING_AND_TRAILER = _response_kinds(_HOP_BY_HOP)
+_KEEP_FRAMING = _response_kinds(_HOP_BY_HOP | {b"trailer"})
+_KEEP_TRAILER = _response_kinds(_RESPONSE_DROPS)
+_KEEP_NEITHER = _response_kinds(_RESPONSE_DROPS | {b"trailer"})
+
 #: Field values are VCHAR / obs-text / SP / HTAB (RFC 9110 §5.5). h11 admits
 #: other control bytes; relay refuses them rather than pass them on.
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
@@ -64,9 +98,12 @@ _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # (obs-fold, RFC 9112 §5.2); h11 unfolds it, relay rejects it, as nginx does.
 _OBS_FOLD = re.compile(rb"\n[ \t]")
 _CONTENT_LENGTH_LINE = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 VIA = b"1.1 relay"
+_VIA_FIELD = (b"via", VIA)
+_ACCEL_FIELD = (b"x-accel-buffering", b"no")
+#: ``(name, value)`` -> ``name: value`` (a head is its lines joined by CRLF).
+_FIELD_LINE = b": ".join
 
 
 class RequestHeadProblem(ValueError):
@@ -77,23 +114,59 @@ class RequestHeadProblem(ValueError):
         self.status = status
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+def _tokens(values: list[bytes]) -> frozenset[bytes]:
+    """The (lower-case, non-empty) tokens of ``Connection`` field values."""
+    tokens = {t.strip().lower() for value in values for t in value.split(b",")}
     tokens.discard(b"")
     return frozenset(tokens)
 
 
+def _named(values: list[bytes], kinds: _Kinds) -> set[bytes] | None:
+    """The names ``Connection`` lists that ``kinds`` keeps as plain fields (none when it
+    drops them all, as the usual ``keep-alive``); None when one has a role of its
+    own (``Host``, ``Via``, ...): that takes another pass with the names dropped."""
+    kept: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            name = token.strip().lower()
+            kind = kinds.get(name)
+            if kind is None:
+                if name:
+                    kept.add(name)
+            elif kind not in _GONE:
+                return None
+    return kept
+
+
 def has_token(headers: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
     """Whether comma-list header ``name`` (lower case) holds ``token`` (lower case)."""
+    size = len(name)
     for field_name, value in headers:
-        if field_name.lower() == name and any(
-            t.strip().lower() == token for t in value.split(b",")
-        ):
-            return True
+        # The length first: most fields are not ``name``, and len() is cheaper than lower().
+        if len(field_name) == size and field_name.lower() == name:
+            lower = value.lower()
+            # A token is a piece of the value: without the bytes, no need to split.
+            if token in lower and any(t.strip() == token for t in lower.split(b",")):
+                return True
     return False
+
+
+def _head_end(raw_head: bytes) -> tuple[int, int]:
+    """The LF that ends the head's last line, and the end of the empty line after it.
+
+    ``(-1, -1)`` without an empty line. What the regex ``\\r?\\n\\r?\\n``
+    finds, with two ``bytes.find`` calls instead of a regex search, which
+    steps through the head byte by byte (it cannot skip ahead to a fixed
+    first byte): the first LF followed by LF or CRLF.
+    """
+    crlf = raw_head.find(b"\n\r\n")
+    # Only an ``LF LF`` before that one can come first.
+    lf = raw_head.find(b"\n\n", 0, crlf + 1) if crlf >= 0 else raw_head.find(b"\n\n")
+    if lf >= 0:
+        return lf, lf + 2
+    if crlf >= 0:
+        return crlf, crlf + 3
+    return -1, -1
 
 
 def find_head_problem(raw_head: bytes) -> str | None:
@@ -105,14 +178,16 @@ def find_head_problem(raw_head: bytes) -> str | None:
     ``3, 3`` in one line); both are classic
     request-smuggling vectors between two parsers, so relay refuses them.
     """
-    end = _HEAD_END.search(raw_head)
-    head = raw_head[: end.start() + 1] if end else raw_head
+    last, _ = _head_end(raw_head)
+    # Through the LF of the last line (the regex's match began at its CR, if
+    # any: no pattern below can tell, a line ends at either).
+    head = raw_head[: last + 1] if last >= 0 else raw_head
     if _OBS_FOLD.search(head):
         return "obsolete line folding in request head"
     lengths = _CONTENT_LENGTH_LINE.findall(head)
     # ``Content-Length: 3, 3`` is a list of lengths in one line: h11 merges
     # it like two lines, relay refuses it like two lines.
-    if len(lengths) > 1 or any(b"," in value for value in lengths):
+    if lengths and (len(lengths) > 1 or b"," in lengths[0]):
         return "duplicate Content-Length header"
     return None
 
@@ -140,8 +215,8 @@ def origin_form(target: bytes) -> bytes:
 
 def head_length(raw_head: bytes) -> int:
     """Length of the head at the start of ``raw_head`` (through its empty line)."""
-    end = _HEAD_END.search(raw_head)
-    return end.end() if end else len(raw_head)
+    _, end = _head_end(raw_head)
+    return end if end >= 0 else len(raw_head)
 
 
 def check_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
@@ -150,14 +225,21 @@ def check_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
     ``headers`` are h11's normalized request headers (lower-case names).
     Raises :class:`RequestHeadProblem`.
     """
+    values = []
     saw_length = saw_encoding = False
     for name, value in headers:
+        values.append(value)
         if name == b"content-length":
             saw_length = True
         elif name == b"transfer-encoding":
             saw_encoding = True
-        if _FIELD_VALUE.fullmatch(value) is None:
-            raise RequestHeadProblem(f"invalid byte in header {name.decode('ascii')}")
+    # One match over all values (HTAB, which joins them, is valid): a regex
+    # call costs more than the bytes it reads. The failing field is looked for
+    # only when there is one.
+    if _FIELD_VALUE.fullmatch(b"\t".join(values)) is None:
+        for name, value in headers:
+            if _FIELD_VALUE.fullmatch(value) is None:
+                raise RequestHeadProblem(f"invalid byte in header {name.decode('ascii')}")
     if saw_length and saw_encoding:
         raise RequestHeadProblem("both Content-Length and Transfer-Encoding")
 
@@ -182,36 +264,61 @@ def request_headers_for_upstream(
     ``upstream_key`` puts relay's key for the upstream in their place.
     """
     raw_headers = list(raw_headers)
-    named = _connection_tokens(raw_headers)
-    drop = _REQUEST_DROPS | named if named else _REQUEST_DROPS
-    if strip_credentials or upstream_key:
-        drop = drop | _CREDENTIALS
-    out: HeaderList = []
-    # The list fields relay adds to, collected in one pass and merged below.
-    lists: dict[bytes, list[bytes]] = {}
-    has_host = False
-    for pair in raw_headers:
-        lower = pair[0].lower()
-        if lower in drop:
-            continue
-        if lower in _LISTS_ADDED:
-            lists.setdefault(lower, []).append(pair[1])
-            continue
-        if lower == b"host":
-            has_host = True
-        out.append(pair)
+    kinds = _REQUEST_KINDS_NO_CREDENTIALS if strip_credentials or upstream_key else _REQUEST_KINDS
+    out, lists, connection, has_host = _request_pass(raw_headers, kinds)
+    if connection:
+        named = _named(connection, kinds)
+        if named:
+            out = [pair for pair in out if pair[0].lower() not in named]
+        elif named is None:
+            kinds = {**kinds, **dict.fromkeys(_tokens(connection), _DROP)}
+            out, lists, _, has_host = _request_pass(raw_headers, kinds)
     if not has_host:
         out.insert(0, (b"host", upstream_authority.encode("ascii")))
-    for name, item in (
-        (b"x-forwarded-for", client_host.encode("ascii")),
-        (b"x-forwarded-proto", scheme.encode("ascii")),
-        (b"via", VIA),
-    ):
-        earlier = lists.get(name)
-        out.append((name, b", ".join([*earlier, item]) if earlier else item))
+    if lists is None:  # the common case: nobody in front of relay added to these
+        out += (
+            (b"x-forwarded-for", client_host.encode("ascii")),
+            (b"x-forwarded-proto", scheme.encode("ascii")),
+            _VIA_FIELD,
+        )
+    else:
+        for name, item in (
+            (b"x-forwarded-for", client_host.encode("ascii")),
+            (b"x-forwarded-proto", scheme.encode("ascii")),
+            (b"via", VIA),
+        ):
+            earlier = lists.get(name)
+            out.append((name, b", ".join([*earlier, item]) if earlier else item))
     if upstream_key:
         out.append((b"authorization", b"Bearer " + upstream_key.encode("latin-1")))
     return out
+
+
+def _request_pass(
+    raw_headers: list[tuple[bytes, bytes]], kinds: _Kinds
+) -> tuple[HeaderList, dict[bytes, list[bytes]] | None, list[bytes], bool]:
+    """The kept fields, the list fields relay adds to (None if none came), the
+    ``Connection`` values, and whether a ``Host`` came."""
+    out: HeaderList = []
+    lists: dict[bytes, list[bytes]] | None = None
+    connection: list[bytes] = []
+    has_host = False
+    for pair in raw_headers:
+        kind = kinds.get(pair[0].lower())
+        if kind is None:
+            out.append(pair)
+        elif kind == _DROP:
+            continue
+        elif kind == _HOST:
+            has_host = True
+            out.append(pair)
+        elif kind == _LIST:
+            if lists is None:
+                lists = {}
+            lists.setdefault(pair[0].lower(), []).append(pair[1])
+        elif kind == _CONNECTION:
+            connection.append(pair[1])
+    return out, lists, connection, has_host
 
 
 def is_json_or_untyped(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -246,30 +353,56 @@ def response_headers_for_client(
     ``X-Accel-Buffering: no`` so an nginx in front of relay does not buffer.
     """
     raw_headers = list(raw_headers)
-    named = _connection_tokens(raw_headers)
-    drop = _HOP_BY_HOP if keep_framing else _RESPONSE_DROPS
-    if named:
-        drop = drop | named
+    if keep_framing:
+        kinds = _KEEP_FRAMING_AND_TRAILER if keep_trailer else _KEEP_FRAMING
+    else:
+        kinds = _KEEP_TRAILER if keep_trailer else _KEEP_NEITHER
+    out, vias, connection, event_stream, accel = _response_pass(raw_headers, kinds)
+    if connection:
+        named = _named(connection, kinds)
+        if named:
+            out = [pair for pair in out if pair[0].lower() not in named]
+        elif named is None:
+            kinds = {**kinds, **dict.fromkeys(_tokens(connection), _DROP)}
+            out, vias, _, event_stream, accel = _response_pass(raw_headers, kinds)
+    if event_stream and not accel:
+        out.append(_ACCEL_FIELD)
+    if vias:
+        vias.append(VIA)
+        out.append((b"via", b", ".join(vias)))
+    else:
+        out.append(_VIA_FIELD)
+    return out
+
+
+def _response_pass(
+    raw_headers: list[tuple[bytes, bytes]], kinds: _Kinds
+) -> tuple[HeaderList, list[bytes], list[bytes], bool, bool]:
+    """The kept fields, the ``Via`` values, the ``Connection`` values, whether the
+    body is an event stream, and whether ``X-Accel-Buffering`` came."""
     out: HeaderList = []
     vias: list[bytes] = []
+    connection: list[bytes] = []
     accel = event_stream = False
     for pair in raw_headers:
-        lower = pair[0].lower()
-        if lower in drop or (lower == b"trailer" and not keep_trailer):
+        kind = kinds.get(pair[0].lower())
+        if kind is None:
+            out.append(pair)
+        elif kind == _DROP:
             continue
-        if lower == b"via":
+        elif kind == _CONTENT_TYPE:
+            if not event_stream:
+                media = pair[1].split(b";", 1)[0].strip().lower()
+                event_stream = media == b"text/event-stream"
+            out.append(pair)
+        elif kind == _VIA:
             vias.append(pair[1])
-            continue
-        if lower == b"x-accel-buffering":
+        elif kind == _ACCEL:
             accel = True
-        elif lower == b"content-type" and not event_stream:
-            event_stream = pair[1].split(b";", 1)[0].strip().lower() == b"text/event-stream"
-        out.append(pair)
-    if event_stream and not accel:
-        out.append((b"x-accel-buffering", b"no"))
-    vias.append(VIA)
-    out.append((b"via", b", ".join(vias)))
-    return out
+            out.append(pair)
+        elif kind == _CONNECTION:
+            connection.append(pair[1])
+    return out, vias, connection, event_stream, accel
 
 
 def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -279,11 +412,7 @@ def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, by
     fields from :func:`request_headers_for_upstream` (the client's fields,
     which h11 validated, and relay's own): nothing here needs checking again.
     """
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    return b"\r\n".join([b"%b %b HTTP/1.1" % (method, target), *map(_FIELD_LINE, headers), b"\r\n"])
 
 
 def response_head(
@@ -299,7 +428,5 @@ def response_head(
             reason = HTTPStatus(status).phrase.encode("ascii")
         except ValueError:
             reason = b""
-    parts = [b"HTTP/%b %d %b\r\n" % (http_version, status, reason)]
-    parts.extend(b"%b: %b\r\n" % pair for pair in headers)
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    status_line = b"HTTP/%b %d %b" % (http_version, status, reason)
+    return b"\r\n".join([status_line, *map(_FIELD_LINE, headers), b"\r\n"])

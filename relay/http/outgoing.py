@@ -83,12 +83,23 @@ class OutgoingRequest:
         ``ends``: the client's request is complete, so its end goes too.
         """
         parts = [request_head(self.method, self.target, self.headers)]
-        parts += self.frames(self.replay or ())
-        if first:
-            parts += self.frames((first,))
+        replay = self.replay
         self.head_sent = True
+        if self.chunked:
+            if replay:
+                parts += self.frames(replay)
+            if first:
+                parts += self.frames((first,))
+            if ends:
+                parts += self.end()
+            return parts
+        # A sized body (the usual): :meth:`frames` and :meth:`end` inline.
+        if replay:
+            parts += filter(None, replay)
+        if first:
+            parts.append(first)
         if ends:
-            parts += self.end()
+            self.complete = True
         return parts
 
     def end(self) -> list[bytes]:

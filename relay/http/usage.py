@@ -60,6 +60,22 @@ class Usage:
 
 NO_USAGE = Usage()
 
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _reported(prompt: int, completion: int, model: str | None) -> Usage:
+    """``Usage(prompt, completion, "reported", model)`` at half the cost: once an
+    exchange, its fields set in one step (a frozen dataclass's ``__init__`` sets
+    each through ``object.__setattr__``)."""
+    usage = _new(Usage)
+    _set(
+        usage,
+        "__dict__",
+        {"prompt": prompt, "completion": completion, "source": "reported", "model": model},
+    )
+    return usage
+
 
 def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
@@ -71,14 +87,45 @@ def _from_document(document: Any) -> Usage | None:
         return None
     model = document.get("model")
     model = model if isinstance(model, str) else None
-    for member in ("usage", "meta_info"):
+    for member in _MEMBERS:
         usage = document.get(member)
         if isinstance(usage, dict):
             prompt = _count(usage.get("prompt_tokens"))
             completion = _count(usage.get("completion_tokens"))
             if prompt is not None and completion is not None:
-                return Usage(prompt, completion, "reported", model)
+                return _reported(prompt, completion, model)
     return None
+
+
+_MEMBERS = ("usage", "meta_info")
+_DECODER = json.JSONDecoder()
+
+
+def _loads(body: bytes) -> Any:
+    """``json.loads(body)``, or None when that cannot be a dict; cheaper for the usual
+    body (a UTF-8 JSON object) and for a body that is no JSON object at all.
+
+    For a body starting ``{`` and no NUL (no BOM, not UTF-16/32) ``json.loads``
+    decodes UTF-8 and reads one document with nothing but JSON whitespace
+    after it; this does the same without its dispatch and encoding sniffing.
+    """
+    first = body[:1]
+    if first == b"{" and body[1:2] != b"\x00":
+        text = body.decode("utf-8", "surrogatepass")
+        document, end = _DECODER.raw_decode(text)
+        if end != len(text) and text[end:].strip(" \t\n\r"):
+            raise ValueError("extra data after the JSON document")
+        return document
+    if first and first not in _MAY_START_AN_OBJECT:
+        # Whatever the rest, no JSON object (the only document with a usage)
+        # starts here: json.loads would fail, or give a list, string or number.
+        return None
+    return json.loads(body)
+
+
+#: First bytes of a body that may still be a JSON object: ``{``, JSON
+#: whitespace, and those of a BOM or of UTF-16/32 (json.loads sniffs these).
+_MAY_START_AN_OBJECT = b"{ \t\n\r\x00\xef\xfe\xff"
 
 
 def _dechunk(data: bytes) -> bytes | None:
@@ -101,7 +148,7 @@ def usage_from_json(reads: Sequence[bytes], *, chunked: bool) -> Usage:
     if body is None or len(body) > MAX_JSON_BYTES:
         return NO_USAGE
     try:
-        document = json.loads(body)
+        document = _loads(body)
     except ValueError:  # not JSON, not UTF-8, or compressed
         return NO_USAGE
     return _from_document(document) or NO_USAGE
