@@ -88,6 +88,9 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _monotonic = time.monotonic
 _bisect_left = bisect.bisect_left
 _NOT_TRIED: frozenset[UpstreamPool] = frozenset()
+#: Lengths of the response field names relay reads: content-type, connection,
+#: content-length, transfer-encoding.
+_READ_NAME_SIZES = frozenset((12, 10, 14, 17))
 
 # h11 parses the upstream's response head, and how it reads one depends on
 # the request's method (a HEAD answer has no body), so it is shown a stand-in
@@ -514,13 +517,24 @@ class Exchange:
         raw = event.headers.raw_items()
         chunked = False
         length: int | None = None
-        for name, value in raw:  # h11 validated both; names keep their case here
-            if len(name) in (14, 17):
+        # One pass for what relay reads in the head: framing (h11 validated
+        # it), type (usage) and Connection. Names keep their case in ``raw``;
+        # the length test first, as most fields are none of these.
+        read: list[tuple[bytes, bytes]] = []
+        closes = False
+        for name, value in raw:
+            if len(name) in _READ_NAME_SIZES:
                 lower = name.lower()
                 if lower == b"transfer-encoding":
                     chunked = True
                 elif lower == b"content-length":
                     length = int(value)
+                elif lower == b"connection":
+                    closes = closes or has_token(((lower, value),), b"connection", b"close")
+                    continue
+                elif lower != b"content-type":
+                    continue
+                read.append((lower, value))
         if chunked and length is not None:
             # RFC 9112 §6.3: a sign of smuggling or a broken upstream.
             self._bad_gateway("upstream sent both Content-Length and Transfer-Encoding")
@@ -564,11 +578,9 @@ class Exchange:
                 write = client.transport.write
                 self._write_body = lambda data: write(encode_chunk(data))
         self._fid.head(status, raw, plan.body, framing, self._framer)
-        self._tail = self.ticket.response_started(status, [(n.lower(), v) for n, v in raw])
+        self._tail = self.ticket.response_started(status, read)
         self._upstream_reusable = (
-            self._framer.reusable
-            and conn.their_http_version == b"1.1"
-            and not has_token(raw, b"connection", b"close")
+            self._framer.reusable and conn.their_http_version == b"1.1" and not closes
         )
         # Framing fields come from the plan alone, never from the upstream's
         # head: hop-by-hop filtering may have removed the ones it announced.
