@@ -176,8 +176,9 @@ class ClientConnection(asyncio.Protocol):
                 self._on_request(event)
                 if self._own_body:
                     data, self._pending_eof = conn.trailing_data
+                    no_body = not self._body_left
                     self._take_body(data)
-                    if not self._body_left:  # no body at all
+                    if no_body:  # the request ends with its head
                         self._body_done()
                     return
             elif isinstance(event, h11.Data):
