@@ -394,11 +394,21 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
             check(label, None, "not measured")
         else:
             check(label, r <= 1.5 * n, f"{r:.2f} vs {n:.2f} µs")
-    big = results.get("N=1000", {}).get("relay")
-    if big:
-        check(
-            "peak RSS at N=1000 ≤ 64 MB", big["peak_rss_mb"] <= 64, f"{big['peak_rss_mb']:.1f} MB"
-        )
+    big = results.get("N=1000", {})
+    if "relay" in big:
+        rss = big["relay"]["peak_rss_mb"]
+        check("peak RSS at N=1000 ≤ 40 MB", rss <= 40, f"{rss:.1f} MB")
+        if "nginx" in big:
+            r, n = big["relay"]["coalesced"], big["nginx"]["coalesced"]
+            check("coalesced tokens at N=1000 no more than nginx", r <= n, f"{r} vs {n}")
+    short = results.get("N=100", {})
+    if "relay" in short and "nginx" in short:
+        r, n = short["relay"]["cpu_us_per_token"], short["nginx"]["cpu_us_per_token"]
+        label = "CPU per token at N=100 (short streams) ≤ 1.3x nginx"
+        if r is None or n is None:
+            check(label, None, "not measured")
+        else:
+            check(label, r <= 1.3 * n, f"{r:.2f} vs {n:.2f} µs")
     long = results.get("100 x 500 tokens", {})
     if "relay" in long and "nginx" in long:
         r, n = long["relay"]["cpu_us_per_token"], long["nginx"]["cpu_us_per_token"]
