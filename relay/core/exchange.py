@@ -582,6 +582,7 @@ class Exchange:
         self._upstream_reusable = (
             self._framer.reusable and conn.their_http_version == b"1.1" and not closes
         )
+        self._h11 = None  # the framer reads the body: h11's state is not kept per stream
         # Framing fields come from the plan alone, never from the upstream's
         # head: hop-by-hop filtering may have removed the ones it announced.
         headers = client_headers(raw, keep_framing=False, keep_trailer=plan.keep_trailer)
