@@ -663,3 +663,52 @@ def test_request_bodies_split_at_every_offset_reach_the_upstream_exactly(loop_ki
             await until(lambda: relay.state.metrics.active_exchanges == 0)
 
     run(loop_kind, main, limit=50.0)
+
+
+def test_a_large_body_sent_while_waiting_for_an_upstream_arrives_whole(loop_kind):
+    """A body far bigger than what relay holds while it has no upstream connection
+    (its request queued behind --max-inflight): relay stops reading at its bound,
+    then streams the rest once the slot frees; the upstream gets every byte, in
+    order, and the client its answer."""
+    body = bytes(range(256)) * 4096  # 1 MiB
+    release = asyncio.Event()
+
+    async def upstream(reader, writer, up):
+        raw = await read_request(reader, up)
+        if parse_request(raw).target == b"/first":
+            await asyncio.wait_for(release.wait(), WAIT)
+            answer = b"first"
+        else:
+            got = raw.split(b"\r\n\r\n", 1)[1]
+            answer = b"%d %d" % (len(got), got == body)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(answer), answer))
+        await writer.drain()
+
+    async def answer(reader):
+        head = await read_head(reader)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        return await asyncio.wait_for(reader.readexactly(length), WAIT)
+
+    async def main():
+        async with setup(upstream, max_inflight=1, queue_timeout=WAIT) as (up, relay):
+            first_reader, first = await connect(relay)
+            first.write(request_bytes("/first", b"{}"))
+            await until(lambda: up.accepted == 1)
+            reader, writer = await connect(relay)
+            big = request_bytes("/big", body)
+            writer.write(big[: -len(body)])  # the head first: the request is queued
+            bound = relay.state.config.max_header_bytes
+            await until(lambda: sum(c.exchange is not None for c in relay.state.connections) == 2)
+            writer.write(body)
+            await asyncio.sleep(0.2)  # the client keeps sending; relay must not keep reading
+            held = max(len(c._pending) for c in relay.state.connections)
+            assert held <= bound + 256 * 1024, held
+            release.set()
+            assert await answer(first_reader) == b"first"
+            await asyncio.wait_for(writer.drain(), WAIT)
+            assert await answer(reader) == b"%d 1" % len(body)
+            first.close()
+            writer.close()
+
+    run(loop_kind, main)
