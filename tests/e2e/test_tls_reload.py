@@ -173,7 +173,9 @@ def test_pending_handshakes_are_counted_limited_and_timed_out(
         assert relay.metrics().tls_handshake_failures == silent
         for client in clients:
             client.close()
-        eventually(lambda: open_fds() == baseline)
+        # No more than the baseline: a descriptor an earlier test left for the
+        # garbage collector may close meanwhile; a leak here would stay above it.
+        eventually(lambda: open_fds() <= baseline)
         with handshake(relay.port, ca) as tls:
             assert ask(tls).startswith(b"HTTP/1.1 502")
 
