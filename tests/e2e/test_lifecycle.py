@@ -442,3 +442,33 @@ def test_bytes_from_an_idle_pooled_connection_close_it(loop_kind):
             writer.close()
 
     run(loop_kind, main)
+
+
+@pytest.mark.parametrize("connection", [b"close", b"Keep-Alive, CLOSE"])
+def test_an_upstream_answer_with_connection_close_is_not_pooled(loop_kind, connection):
+    """An upstream that says ``Connection: close`` (any case, in a list) is taken at
+    its word even if it keeps the socket open: relay closes that connection and
+    the next request goes over a new one."""
+    answer = b"HTTP/1.1 200 OK\r\nConnection: %b\r\nContent-Length: 2\r\n\r\nok" % connection
+
+    async def upstream(reader, writer, up):
+        while True:
+            await read_request(reader, up)
+            writer.write(answer)
+            await writer.drain()
+
+    async def main():
+        # Pooled connections outlive the test: only the header can end this one.
+        async with setup(upstream, upstream_keepalive_timeout=60.0) as (up, relay):
+            pool = relay.state.router.default[0]
+            reader, writer = await connect(relay)
+            for _ in range(2):
+                writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert (await read_head(reader)).startswith(b"HTTP/1.1 200")
+                assert await asyncio.wait_for(reader.readexactly(2), WAIT) == b"ok"
+            await until(lambda: settled(relay) and len(up.closed_at) >= 2)
+            assert up.accepted == 2
+            assert pool.idle_count == 0
+            writer.close()
+
+    run(loop_kind, main)
