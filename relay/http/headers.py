@@ -65,7 +65,6 @@ _LISTS_ADDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"via"})
 _DROP, _CONNECTION, _LIST, _HOST, _VIA, _ACCEL, _CONTENT_TYPE = range(7)
 _Kinds = dict[bytes, int]
 _GONE = (_DROP, _CONNECTION)
-_EMPTY: frozenset[bytes] = frozenset()
 
 _REQUEST_KINDS: _Kinds = {
     **dict.fromkeys(_REQUEST_DROPS, _DROP),
@@ -275,18 +274,15 @@ def request_headers_for_upstream(
             out, lists, _, has_host = _request_pass(raw_headers, kinds)
     if not has_host:
         out.insert(0, (b"host", upstream_authority.encode("ascii")))
+    added = (
+        (b"x-forwarded-for", client_host.encode("ascii")),
+        (b"x-forwarded-proto", scheme.encode("ascii")),
+        _VIA_FIELD,
+    )
     if lists is None:  # the common case: nobody in front of relay added to these
-        out += (
-            (b"x-forwarded-for", client_host.encode("ascii")),
-            (b"x-forwarded-proto", scheme.encode("ascii")),
-            _VIA_FIELD,
-        )
+        out += added
     else:
-        for name, item in (
-            (b"x-forwarded-for", client_host.encode("ascii")),
-            (b"x-forwarded-proto", scheme.encode("ascii")),
-            (b"via", VIA),
-        ):
+        for name, item in added:
             earlier = lists.get(name)
             out.append((name, b", ".join([*earlier, item]) if earlier else item))
     if upstream_key:
