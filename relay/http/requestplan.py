@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .headers import is_json_or_untyped
+from .headers import has_token, is_json_or_untyped
 
 __all__ = ["RequestPlan", "plan_request"]
 
 _MODEL_LISTS = (b"/v1/models", b"/models")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made once a request: plain slots, not a frozen __init__
 class RequestPlan:
     expects_body: bool  # a body follows the head (a length above 0, or chunks)
     chunked: bool  # the client sends chunks (relay re-chunks them upstream)
@@ -60,11 +60,7 @@ def plan_request(
         elif name == b"transfer-encoding":
             expects_body = chunked = True
         elif name == b"connection" and not client_closes:
-            # headers.has_token(fields, b"connection", b"close"), in this one pass.
-            lower = value.lower()
-            client_closes = b"close" in lower and any(
-                t.strip() == b"close" for t in lower.split(b",")
-            )
+            client_closes = has_token(((name, value),), name, b"close")
     must_read = pins_model or routes_by_model
     inspect = (
         (rewrites_models or routes_by_model)
@@ -72,28 +68,16 @@ def plan_request(
         and expects_body
         and (must_read or is_json_or_untyped(fields))
     )
-    # Once a request: a frozen dataclass's __init__ sets each of the eight
-    # fields through object.__setattr__; one dict is set instead (a third of it).
-    plan = _new(RequestPlan)
-    _set(
-        plan,
-        "__dict__",
-        {
-            "expects_body": expects_body,
-            "chunked": chunked,
-            "length": length,
-            "client_closes": client_closes,
-            "lists_models": method == b"GET"
-            and not expects_body
-            and knows_more_models
-            and path.split(b"?", 1)[0] in _MODEL_LISTS,
-            "inspect": inspect,
-            "must_read_model": must_read,
-            "route_by_body": inspect and routes_by_model,
-        },
+    return RequestPlan(
+        expects_body=expects_body,
+        chunked=chunked,
+        length=length,
+        client_closes=client_closes,
+        lists_models=method == b"GET"
+        and not expects_body
+        and knows_more_models
+        and path.split(b"?", 1)[0] in _MODEL_LISTS,
+        inspect=inspect,
+        must_read_model=must_read,
+        route_by_body=inspect and routes_by_model,
     )
-    return plan
-
-
-_new = object.__new__
-_set = object.__setattr__

@@ -60,22 +60,6 @@ class Usage:
 
 NO_USAGE = Usage()
 
-_new = object.__new__
-_set = object.__setattr__
-
-
-def _reported(prompt: int, completion: int, model: str | None) -> Usage:
-    """``Usage(prompt, completion, "reported", model)`` at half the cost: once an
-    exchange, its fields set in one step (a frozen dataclass's ``__init__`` sets
-    each through ``object.__setattr__``)."""
-    usage = _new(Usage)
-    _set(
-        usage,
-        "__dict__",
-        {"prompt": prompt, "completion": completion, "source": "reported", "model": model},
-    )
-    return usage
-
 
 def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
@@ -93,7 +77,7 @@ def _from_document(document: Any) -> Usage | None:
             prompt = _count(usage.get("prompt_tokens"))
             completion = _count(usage.get("completion_tokens"))
             if prompt is not None and completion is not None:
-                return _reported(prompt, completion, model)
+                return Usage(prompt, completion, "reported", model)
     return None
 
 
