@@ -202,9 +202,12 @@ def test_a_queued_client_that_leaves_leaves_the_queue_at_once(sglang, caplog):
 
 
 def test_a_full_queue_and_a_wait_that_runs_out_get_503(sglang):
-    """--queue-size 1 --queue-timeout 200ms: one waits and times out, one more is refused."""
+    """--queue-size 1 --queue-timeout 1.5s: one waits and times out, one more is refused."""
+    # The second request must arrive while the first still waits: the timeout is
+    # the test's window to see the first queued and send the second (a loaded
+    # machine took longer than 0.3 s), and shorter than the holder's 4 s stream.
     with RelayThread(
-        sglang.url, api_keys=KEYS, max_inflight=1, queue_size=1, queue_timeout=0.3
+        sglang.url, api_keys=KEYS, max_inflight=1, queue_size=1, queue_timeout=1.5
     ) as relay:
         busy = open_stream(relay, "sk-team-a", max_tokens=200, test_gap_ms=20)
         assert busy.recv(12).startswith(b"HTTP/1.1 200")
