@@ -164,20 +164,23 @@ def test_the_queue_serves_keys_in_turn_one_greedy_one_polite(sglang):
         def queued() -> int:
             return state(relay, lambda st: sum(len(g.queue) for g in st.admission._gates.values()))
 
+        # a0 holds the one slot until the test lets it go, not for a fixed time: a
+        # slow machine queueing the others past a timed hold would reorder them.
+        holder = open_stream(relay, "sk-team-a", max_tokens=10000, test_gap_ms=20, user="a0")
+        assert holder.recv(12).startswith(b"HTTP/1.1 200")
+
         async def main() -> list[int]:
-            # a0 holds the one slot while the others queue up behind it.
-            slow = {"max_tokens": 2, "test_ttft_ms": 2000}
-            tasks = [asyncio.ensure_future(_chat(relay, "sk-team-a", "a0", **slow))]
-            slow = {"max_tokens": 2}
-            await asyncio.to_thread(eventually, lambda: len(sglang.sglang.requests) == 1)
+            short = {"max_tokens": 2}
+            tasks = []
             for i in range(1, 4):
-                tasks.append(asyncio.ensure_future(_chat(relay, "sk-team-a", f"a{i}", **slow)))
+                tasks.append(asyncio.ensure_future(_chat(relay, "sk-team-a", f"a{i}", **short)))
                 await asyncio.to_thread(eventually, lambda i=i: queued() == i)
-            tasks.append(asyncio.ensure_future(_chat(relay, "sk-team-b", "b0", **slow)))
+            tasks.append(asyncio.ensure_future(_chat(relay, "sk-team-b", "b0", **short)))
             await asyncio.to_thread(eventually, lambda: queued() == 4)
+            holder.close()
             return await asyncio.gather(*tasks)
 
-        assert asyncio.run(main()) == [200] * 5
+        assert asyncio.run(main()) == [200] * 4
         order = [json.loads(r["body"])["user"] for r in sglang.sglang.requests]
         assert order == ["a0", "a1", "b0", "a2", "a3"]
         assert relay.metrics().queue_wait.count == 4
@@ -199,9 +202,12 @@ def test_a_queued_client_that_leaves_leaves_the_queue_at_once(sglang, caplog):
 
 
 def test_a_full_queue_and_a_wait_that_runs_out_get_503(sglang):
-    """--queue-size 1 --queue-timeout 200ms: one waits and times out, one more is refused."""
+    """--queue-size 1 --queue-timeout 1.5s: one waits and times out, one more is refused."""
+    # The second request must arrive while the first still waits: the timeout is
+    # the test's window to see the first queued and send the second (a loaded
+    # machine took longer than 0.3 s), and shorter than the holder's 4 s stream.
     with RelayThread(
-        sglang.url, api_keys=KEYS, max_inflight=1, queue_size=1, queue_timeout=0.3
+        sglang.url, api_keys=KEYS, max_inflight=1, queue_size=1, queue_timeout=1.5
     ) as relay:
         busy = open_stream(relay, "sk-team-a", max_tokens=200, test_gap_ms=20)
         assert busy.recv(12).startswith(b"HTTP/1.1 200")

@@ -2,7 +2,7 @@
 
 With 40 ms between tokens upstream, every token must reach the client on its
 own (no two within 5 ms of each other) and the first token must arrive
-through relay within a few ms of when it arrives directly. These are
+through relay long before the next one is sent. These are
 structural assertions about buffering, not benchmarks: a buffering relay
 fails them by hundreds of milliseconds.
 """
@@ -69,15 +69,25 @@ async def aiohttp_stream(base: str, body: dict) -> tuple[list[float], float]:
     return times, start
 
 
+#: A first token followed by a long silence: a relay that holds the first token
+#: for more bytes shows it ``FIRST_GAP_MS`` late, far beyond scheduling noise.
+FIRST_GAP_MS = 300
+LONE_FIRST = {"max_tokens": 2, "test_ttft_ms": 60, "test_gap_ms": FIRST_GAP_MS}
+
+
 def test_aiohttp_tokens_arrive_one_by_one_and_ttft_matches_direct(relay, sglang):
-    """Through relay, aiohttp sees every token separately and TTFT within a few ms of direct."""
+    """Through relay, aiohttp sees every token separately, and the first token does not
+    wait for the next one: its TTFT stays far closer to direct than the gap after it."""
     body = {**CHAT, **PACED}
-    direct_times, direct_start = asyncio.run(aiohttp_stream(sglang.url, body))
-    relay_times, relay_start = asyncio.run(aiohttp_stream(relay.url, body))
-    direct_ttft = assert_streamed(direct_times, direct_start)
-    relay_ttft = assert_streamed(relay_times, relay_start)
-    # One extra connection setup (relay → upstream) is the only expected cost.
-    assert relay_ttft - direct_ttft < 0.015, (direct_ttft, relay_ttft)
+    assert_streamed(*asyncio.run(aiohttp_stream(relay.url, body)))
+    lone = {**CHAT, **LONE_FIRST}
+    direct_times, direct_start = asyncio.run(aiohttp_stream(sglang.url, lone))
+    relay_times, relay_start = asyncio.run(aiohttp_stream(relay.url, lone))
+    direct_ttft = direct_times[0] - direct_start
+    relay_ttft = relay_times[0] - relay_start
+    # One extra connection setup (relay → upstream) is the only expected cost;
+    # a third of the gap leaves room for a loaded machine's scheduling.
+    assert relay_ttft - direct_ttft < FIRST_GAP_MS / 1000 / 3, (direct_ttft, relay_ttft)
 
 
 def test_httpx_streams_tokens_separately(relay):
