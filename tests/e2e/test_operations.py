@@ -70,6 +70,18 @@ def start_relay(
     raise AssertionError("relay did not start: " + "".join(lines))
 
 
+def until_refused(port: int) -> None:
+    """Wait (bounded) until relay refuses new connections: its drain has begun."""
+    deadline = time.monotonic() + LIMIT
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), LIMIT).close()
+        except ConnectionRefusedError:
+            return
+        assert time.monotonic() < deadline, "relay still accepts connections"
+        time.sleep(0.02)
+
+
 def test_metrics_parse_with_prometheus_client_and_count_what_happened(sglang):
     """/metrics is valid Prometheus text and counts requests, streams and histograms."""
     parser = pytest.importorskip("prometheus_client.parser")
@@ -153,7 +165,7 @@ def test_sigterm_lets_20_streams_finish_then_exits_0(sglang):
     assert kept.get(f"http://127.0.0.1:{port}/health").status_code == 200  # keep-alive open
     started.wait()
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    until_refused(port)  # the drain has begun; the kept connection sat idle meanwhile
     late = kept.get(f"http://127.0.0.1:{port}/health")
     assert late.status_code == 503 and late.headers["connection"] == "close"
     for thread in threads:
@@ -174,7 +186,8 @@ def test_a_second_sigterm_exits_at_once(sglang):
             lines = response.iter_lines()  # kept: dropping it would close the stream
             next(lines)
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            # Sent before the first is handled, the second would merge with it.
+            until_refused(port)
             assert process.poll() is None  # draining: the stream keeps it alive
             process.send_signal(signal.SIGTERM)
             assert process.wait(5) == 0
