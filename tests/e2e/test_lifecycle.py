@@ -9,6 +9,7 @@ side blamed for a stall, framing lost with a hop-by-hop header.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 
@@ -17,6 +18,7 @@ from harness import (
     WAIT,
     ScriptUpstream,
     connect,
+    parse_request,
     read_head,
     read_request,
     read_to_eof,
@@ -477,6 +479,55 @@ def test_an_upstream_answer_with_connection_close_is_not_pooled(loop_kind, conne
             await until(lambda: settled(relay) and len(up.closed_at) >= 2)
             assert up.accepted == 2
             assert pool.idle_count == 0
+            writer.close()
+
+    run(loop_kind, main)
+
+
+@pytest.mark.parametrize("answer", [b"401", b"413", b"503"])
+def test_an_answer_before_a_known_length_body_is_read_reaches_the_client_whole(loop_kind, answer):
+    """relay answers while most of a known-length body is still on its way (a bad
+    key, too large, or no --max-inflight slot in time) and a pipelined request
+    follows: the client reads the whole error (a lingering close, not a reset),
+    and relay is left with nothing in flight and a clean pool."""
+    body = b"x" * 200_000
+    extra = b"Authorization: Bearer sk-good\r\n"
+
+    async def upstream(reader, writer, up):
+        while True:
+            raw = await read_request(reader, up)
+            if parse_request(raw).target == b"/first":
+                await asyncio.sleep(1.0)  # holds the only slot past the queue timeout
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def main():
+        limits: dict = {"api_keys": ("sk-good",)}
+        if answer == b"401":
+            limits["api_keys"] = ("sk-other",)
+        elif answer == b"413":
+            limits["max_body_bytes"] = 100_000
+        else:
+            limits.update(max_inflight=1, queue_timeout=0.2)
+        async with setup(upstream, **limits) as (up, relay):
+            if answer == b"503":
+                _, first = await connect(relay)
+                first.write(request_bytes("/first", b"{}", extra=extra))
+                await until(lambda: up.accepted == 1)
+            reader, writer = await connect(relay)
+            wire = request_bytes(body=body, extra=extra)
+            writer.write(wire[:-150_000])  # the head and a part of the body
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(ConnectionError):
+                writer.write(wire[-150_000:] + request_bytes(body=b"{}", extra=extra))
+                await writer.drain()
+            data = await read_to_eof(reader)
+            assert data.startswith(b"HTTP/1.1 " + answer), data[:100]
+            head, _, error = data.partition(b"\r\n\r\n")
+            assert b"content-length: %d\r\n" % len(error) in head, data  # the error, whole
+            assert json.loads(error)["error"]["code"], error
+            await until(lambda: settled(relay) and pool_is_clean(relay))
+            await until(lambda: all(c.exchange is None for c in relay.state.connections))
             writer.close()
 
     run(loop_kind, main)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -199,3 +201,65 @@ def test_generated_streams_round_trip(chunks, extensions, trailers, cuts, leadin
     assert payload == b"".join(chunks)
     plain = ChunkedFramer()
     assert plain.feed(data) == len(encoded)
+
+
+# Size lines the fast path takes, and neighbours it must leave to the state machine.
+_SIZE_PIECES = [
+    b"1\r\na\r\n",
+    b"fff\r\n" + b"x" * 0xFFF + b"\r\n",
+    b"1000\r\n" + b"y" * 0x1000 + b"\r\n",
+    b"FFF\r\n" + b"x" * 0xFFF + b"\r\n",
+    b"01\r\nz\r\n",
+    b"a;e=1\r\n0123456789\r\n",
+    b"a \r\n0123456789\r\n",
+    b"3\r\n\r\n\r\n\r\n",
+    b"5\r\nhello\r\r",
+    b"5\r\nhello\n\r\n",
+    b"5\r\nhelloXY",
+    b"5\n hello\r\n",
+    b"0x5\r\nhello\r\n",
+    b"-1\r\n",
+    b"\r\n",
+    b"ffffffffffffffff\r\n",
+]
+_ENDS = [b"", LAST_CHUNK + NEXT, b"0\r\nt: v\r\n\r\n" + NEXT, b"0\r\n\r"]
+
+
+def _outcome(data: bytes, cuts: list[int], *, fast: bool) -> tuple:
+    framer = ChunkedFramer()
+    bounds = [0, *cuts, len(data)]
+    taken = []
+    try:
+        for start, stop in itertools.pairwise(bounds):
+            if not fast:
+                framer._fast = False  # the state machine alone judges this read
+            taken.append(framer.feed(data[start:stop]))
+            if framer.complete:
+                break
+    except FramingError as exc:
+        return ("rejected", taken, type(exc))
+    return ("accepted", taken, framer.complete)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(_SIZE_PIECES), min_size=1, max_size=4),
+    end=st.sampled_from(_ENDS),
+    cuts=st.lists(st.integers(min_value=0, max_value=9000), max_size=3),
+)
+def test_the_fast_path_takes_and_refuses_what_the_state_machine_does(pieces, end, cuts):
+    """Canonical size lines, their upper-case, zero-led, extended, big and broken
+    neighbours, cut into reads anywhere: the fast path consumes the same bytes and
+    accepts or rejects exactly as the strict state machine does."""
+    data = b"".join(pieces) + end
+    cuts = sorted({min(cut, len(data)) for cut in cuts})
+    assert _outcome(data, cuts, fast=True) == _outcome(data, cuts, fast=False)
+
+
+@pytest.mark.parametrize("piece", _SIZE_PIECES)
+def test_every_single_split_of_a_size_piece_is_judged_as_the_state_machine_does(piece):
+    """A size piece followed by the last chunk, split in two at every offset: the
+    fast path and the state machine agree on every byte and every verdict."""
+    data = piece + LAST_CHUNK + NEXT
+    for cut in range(len(data) + 1):
+        assert _outcome(data, [cut], fast=True) == _outcome(data, [cut], fast=False), cut
