@@ -176,6 +176,30 @@ def test_https_upstream_verified_against_the_given_ca(tls_upstream, server_files
         assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
 
 
+def test_one_tls_upstream_connection_carries_streamed_and_whole_answers_in_turn(
+    tls_upstream, server_files, loop_kind
+):
+    """Over an https upstream, six requests in turn (streams and whole answers) all
+    arrive complete on one kept-alive TLS connection: its reads go to each exchange
+    in turn and back to the pool between them, under either loop."""
+    _, ca_path = server_files
+    with RelayThread(tls_upstream.url, upstream_ca=ca_path, loop_kind=loop_kind) as relay:
+        with httpx.Client(timeout=LIMIT) as client:
+            for i in range(6):
+                stream = i % 2 == 0
+                body = {**CHAT, "stream": stream, "max_tokens": 3 + i, "test_gap_ms": 5}
+                response = client.post(f"{relay.url}/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+                if stream:
+                    events = [e for e in response.text.split("\n\n") if e.startswith("data: {")]
+                    assert len(events) >= 3 + i and response.text.endswith("data: [DONE]\n\n")
+                else:
+                    assert response.json()["usage"]["completion_tokens"] == 3 + i
+        metrics = relay.metrics()
+        assert metrics.upstream_connects == 1
+        assert metrics.truncated_streams == 0
+
+
 def test_untrusted_wrong_host_and_expired_upstream_certificates_are_502(tmp_path):
     """A failed upstream handshake is a 502 with a JSON error, and relay keeps serving."""
     trusted = trustme.CA()
