@@ -377,6 +377,17 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
         mark = "n/a " if ok is None else ("PASS" if ok else "MISS")
         verdicts.append(f"{mark} {label}: {detail}")
 
+    def cpu_per_token(scenario: str, where: str, times: float) -> None:
+        peers = results.get(scenario, {})
+        if "relay" not in peers or "nginx" not in peers:
+            return
+        r, n = peers["relay"]["cpu_us_per_token"], peers["nginx"]["cpu_us_per_token"]
+        label = f"CPU per token {where} ≤ {times:g}x nginx"
+        if r is None or n is None:  # too little CPU to measure
+            check(label, None, "not measured")
+        else:
+            check(label, r <= times * n, f"{r:.2f} vs {n:.2f} µs")
+
     for scenario, peers in results.items():
         if scenario.startswith("N=") and "relay" in peers:
             c = peers["relay"]["coalesced"]
@@ -386,14 +397,7 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
         if "relay" in peers and "nginx" in peers:
             r, n = peers["relay"]["added_ms_p99"], peers["nginx"]["added_ms_p99"]
             check(f"added p99 at {scenario} no worse than nginx", r <= n, f"{r:.2f} vs {n:.2f} ms")
-    sat = results.get("saturation burst 1", {})
-    if "relay" in sat and "nginx" in sat:
-        r, n = sat["relay"]["cpu_us_per_token"], sat["nginx"]["cpu_us_per_token"]
-        label = "CPU per token at burst 1 ≤ 1.5x nginx"
-        if r is None or n is None:
-            check(label, None, "not measured")
-        else:
-            check(label, r <= 1.5 * n, f"{r:.2f} vs {n:.2f} µs")
+    cpu_per_token("saturation burst 1", "at burst 1", 1.5)
     big = results.get("N=1000", {})
     if "relay" in big:
         rss = big["relay"]["peak_rss_mb"]
@@ -401,22 +405,8 @@ def targets(results: dict[str, dict[str, Any]]) -> list[str]:
         if "nginx" in big:
             r, n = big["relay"]["coalesced"], big["nginx"]["coalesced"]
             check("coalesced tokens at N=1000 no more than nginx", r <= n, f"{r} vs {n}")
-    short = results.get("N=100", {})
-    if "relay" in short and "nginx" in short:
-        r, n = short["relay"]["cpu_us_per_token"], short["nginx"]["cpu_us_per_token"]
-        label = "CPU per token at N=100 (short streams) ≤ 1.3x nginx"
-        if r is None or n is None:
-            check(label, None, "not measured")
-        else:
-            check(label, r <= 1.3 * n, f"{r:.2f} vs {n:.2f} µs")
-    long = results.get("100 x 500 tokens", {})
-    if "relay" in long and "nginx" in long:
-        r, n = long["relay"]["cpu_us_per_token"], long["nginx"]["cpu_us_per_token"]
-        check(
-            "CPU per token, 100 x 500 tokens, ≤ 1.15x nginx",
-            r <= 1.15 * n,
-            f"{r:.2f} vs {n:.2f} µs",
-        )
+    cpu_per_token("N=100", "at N=100 (short streams)", 1.3)
+    cpu_per_token("100 x 500 tokens", "for 100 x 500 tokens", 1.15)
     each = results.get("per request", {})
     if "relay" in each and "nginx" in each:
         r, n = each["relay"]["cpu_us_per_request"], each["nginx"]["cpu_us_per_request"]

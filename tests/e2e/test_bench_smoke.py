@@ -54,6 +54,29 @@ def test_cpu_too_small_to_measure_is_not_reported_as_zero():
     assert cpu_per_token_us(None, 16) is None
 
 
+def test_a_cpu_figure_too_small_to_measure_is_a_target_not_measured():
+    """Every CPU-per-token target says "not measured" for a missing figure instead of failing."""
+    from bench.run import targets
+
+    def peers(relay: float | None) -> dict:
+        other = {"coalesced": 0, "added_ms_p99": 1.0}
+        return {
+            "relay": {**other, "cpu_us_per_token": relay},
+            "nginx": {**other, "cpu_us_per_token": 2.0},
+        }
+
+    def cpu_verdicts(relay: float | None) -> list[str]:
+        scenarios = ("saturation burst 1", "N=100", "100 x 500 tokens")
+        verdicts = targets({scenario: peers(relay) for scenario in scenarios})
+        return [v for v in verdicts if "CPU per token" in v]
+
+    verdicts = cpu_verdicts(None)
+    assert len(verdicts) == 3 and all(v.startswith("n/a ") for v in verdicts), verdicts
+    verdicts = cpu_verdicts(2.5)
+    assert [v[:4] for v in verdicts] == ["PASS", "PASS", "MISS"], verdicts
+    assert "100 x 500 tokens ≤ 1.15x nginx: 2.50 vs 2.00 µs" in verdicts[2]
+
+
 def test_bench_help_lists_its_flags_on_separate_lines():
     """`python -m bench.run --help` keeps the usage examples as lines and documents --quick."""
     result = subprocess.run(
