@@ -54,7 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
     import relay
 
     origin = Path(relay.__file__).resolve()
-    if not FROM_CHECKOUT and origin.is_relative_to(CHECKOUT):
+    if not FROM_CHECKOUT and origin.is_relative_to(CHECKOUT / "relay"):
         raise pytest.UsageError(
             f"the tests imported relay from the checkout ({origin.parent}), not from the "
             "installed package; run them as the README says: "
