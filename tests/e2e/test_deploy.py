@@ -63,5 +63,8 @@ def test_ci_runs_exactly_the_readme_test_command_in_a_virtual_environment():
     assert commands[0].startswith("python3 -m venv .venv && .venv/bin/pip install . && ")
     assert commands[1] == (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert commands[1].startswith("python3 -m venv .venv && .venv/bin/pip install '.[test]'")
+    # The suite runs the installed relay: -P keeps the checkout's relay/ off the path.
+    assert commands[1].endswith(".venv/bin/python -P -m pytest -q")
+    assert commands[0].endswith(".venv/bin/relay demo")
     assert "Python 3.11 or later" in readme
     assert "../shared/" not in readme
