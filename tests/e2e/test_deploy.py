@@ -179,3 +179,62 @@ def test_compose_models_folder_is_the_clones_models_folder():
     assert match, sglang
     assert (DEPLOY / match.group(1)).resolve() == DEPLOY.parent / "models"
     assert "--model-path /models/model" in sglang
+
+
+def test_the_unit_and_the_readme_name_one_key_file():
+    """The unit's commented key lines load /etc/relay/keys, the file the README's worked
+    example writes (after creating /etc/relay), and say who owns it with what mode."""
+    service = (DEPLOY / "relay.service").read_text()
+    readme = (DEPLOY.parent / "README.md").read_text()
+    assert "# LoadCredential=keys:/etc/relay/keys\n" in service
+    assert "# Environment=RELAY_API_KEY_FILE=%d/keys\n" in service
+    assert "root:root, mode 0600" in service
+    named = set(re.findall(r"/etc/relay/[\w.-]+", service + readme))
+    assert named == {"/etc/relay/keys"}, named
+    example = readme[: readme.index("--api-key-file /etc/relay/keys")]
+    assert example.rindex("mkdir -p /etc/relay") > example.rindex("```sh")
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze not installed (apt-get install systemd): unit not verified",
+)
+def test_the_unit_with_its_key_lines_on_verifies(tmp_path):
+    """Uncommenting the unit's LoadCredential= and RELAY_API_KEY_FILE lines gives a unit
+    that systemd-analyze verify accepts."""
+    service = (DEPLOY / "relay.service").read_text()
+    service = service.replace("# LoadCredential=", "LoadCredential=")
+    service = service.replace(
+        "# Environment=RELAY_API_KEY_FILE=", "Environment=RELAY_API_KEY_FILE="
+    )
+    assert "\nLoadCredential=keys:/etc/relay/keys\n" in service
+    root = tmp_path / "root"
+    units = root / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    (units / "relay.service").write_text(service)
+    shutil.copy(DEPLOY / "relay.socket", units / "relay.socket")
+    relay = root / "opt" / "relay" / "bin" / "relay"
+    relay.parent.mkdir(parents=True)
+    relay.write_text("#!/bin/sh\n")  # stands in for the venv's console script
+    relay.chmod(0o755)
+    (root / "opt" / "relay" / "README.md").write_text("relay\n")
+    (root / "bin").mkdir()
+    shutil.copy("/bin/kill", root / "bin" / "kill")
+    keys = root / "etc" / "relay" / "keys"
+    keys.parent.mkdir()
+    keys.write_text("chat sk-chat\n")
+    keys.chmod(0o600)
+    system = root / "usr" / "lib" / "systemd" / "system"
+    system.mkdir(parents=True)
+    for target in Path("/usr/lib/systemd/system").glob("*.target"):
+        shutil.copy(target, system / target.name)
+    result = subprocess.run(
+        [
+            *("systemd-analyze", "verify", "--man=no", f"--root={root}"),
+            *("/etc/systemd/system/relay.service", "/etc/systemd/system/relay.socket"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
