@@ -202,7 +202,7 @@ def start_origin(cpus: set[int] | None = None) -> Peer | None:
 
 
 #: Directives that make nginx buffer a stream only for clients that accept gzip, as
-#: reported in issue #17: proxy buffering left at its default (on) and event streams
+#: reported by users: proxy buffering left at its default (on) and event streams
 #: compressed. Without Accept-Encoding the same nginx streams.
 GZIP_EVENT_STREAMS = "  gzip on; gzip_types text/event-stream;"
 

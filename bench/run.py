@@ -177,7 +177,7 @@ def saturation() -> dict[str, dict[str, Any]]:
     try:
 
         def fidelity(port: int, cpus: set[int]) -> Peer:
-            # The opt-in stream-fidelity flags (#15); the always-on checks are in "relay".
+            # The opt-in stream-fidelity flags; the always-on checks are in "relay".
             return start_relay(port, cpus, "--body-digest", "--sse-keepalive", "15s")
 
         peers = (("relay", start_relay), ("relay-fidelity", fidelity), ("nginx", start_nginx))

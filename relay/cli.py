@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the effective configuration (secrets masked) and exit",
     )
-    # Stream fidelity (#15): the metrics are always on; these add to them.
+    # Stream fidelity: the metrics are always on; these add to them.
     fidelity = parser.add_argument_group("stream fidelity")
     fidelity.add_argument(
         "--body-digest",
@@ -282,7 +282,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     except (KeyListError, KeyFileError) as exc:
         raise ConfigError(KEYS_ENV, str(exc)) from None
     values["upstream_api_key"] = _upstream_key(args)
-    # Stream fidelity (#15).
+    # Stream fidelity.
     values["body_digest"] = args.body_digest
     if args.sse_keepalive is not None:
         values["sse_keepalive"] = parse_duration(args.sse_keepalive, "--sse-keepalive")
@@ -575,7 +575,7 @@ def describe_config(config: Config) -> str:
     add("--log-format", config.log_format)
     add("--loop", config.loop)
     add("--log-level", config.log_level)
-    # Stream fidelity (#15).
+    # Stream fidelity.
     if config.body_digest:
         add("--body-digest")
     if config.sse_keepalive is not None:

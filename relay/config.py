@@ -229,7 +229,7 @@ class Config:
     api_key_file: str | None = None
     api_keys: tuple[str | NamedKey, ...] = field(default=(), repr=False)
     upstream_api_key: str | None = field(default=None, repr=False)
-    # Keys, limits and the upstream queue (issue #14); 0 means no limit. The key
+    # Keys, limits and the upstream queue; 0 means no limit. The key
     # limits are defaults a key file may override per key; without keys they
     # apply to each client address. All of them are per relay process.
     key_max_concurrent: int = field(
@@ -289,7 +289,7 @@ class Config:
     )
     loop: str = "auto"
     log_level: str = "info"
-    # Stream fidelity (#15); the metrics are always on, these are opt-in.
+    # Stream fidelity; the metrics are always on, these are opt-in.
     body_digest: bool = False  # SHA-256 of the forwarded body in the access line
     sse_keepalive: float | None = None  # seconds of upstream silence before ": keep-alive"
     test_stream: str | None = None  # path on the public listener serving a paced stream
@@ -343,7 +343,7 @@ class Config:
                 "--log-level", f"must be debug, info, warning or error, got {self.log_level!r}"
             )
 
-        # Stream fidelity (#15).
+        # Stream fidelity.
         if self.sse_keepalive is not None and not self.sse_keepalive > 0:
             raise ConfigError("--sse-keepalive", "must be a positive duration")
         if self.test_stream is not None and (

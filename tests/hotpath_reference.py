@@ -1,4 +1,4 @@
-"""relay's per-request functions as they were before the hot-path work (issue #13).
+"""relay's per-request functions as they were before the hot-path work.
 
 The reference the equivalence tests (tests/unit/test_hotpath_equivalence.py)
 hold the fast versions to: same input, same output, same error. Kept as it

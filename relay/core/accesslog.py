@@ -236,13 +236,13 @@ def log_exchange(
         "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 1),
         "total_ms": None if total_s is None else round(total_s * 1000, 1),
         "ending": ending,
-        # Issue #14: the key's name (never the key) and the tokens used.
+        # Keys and usage: the key's name (never the key) and the tokens used.
         "key": key,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "usage": source,
     }
-    if fidelity:  # stream fidelity (#15): coalesced, keepalives, body_sha256, cancel_*
+    if fidelity:  # stream fidelity: coalesced, keepalives, body_sha256, cancel_*
         fields.update(fidelity)
     # makeRecord + handle, rather than info(): the caller's file and line are
     # not part of an access line, and looking them up costs a stack walk.

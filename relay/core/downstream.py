@@ -7,7 +7,7 @@ reach DONE; the bytes h11 holds beyond the request (pipelined requests) are
 carried over with ``trailing_data``, and requests are answered strictly in
 order. A body of known length (``Content-Length``, or none at all) is counted
 off by relay itself once h11 has parsed its head: h11's events for it cost
-more than the rest of the body's way (issue #13), and there is nothing in
+more than the rest of the body's way, and there is nothing in
 such a body to parse.
 
 While an exchange is in flight relay keeps reading from the client, so that a
@@ -303,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
             if name == b"content-length" and int(value) > cfg.max_body_bytes:
                 self.send_error(RelayError(413, "request body too large", "request_too_large"))
                 return
-        # Per-key limits (issue #14, core/admission.py): 429 before the upstream sees anything.
+        # Per-key limits (core/admission.py): 429 before the upstream sees anything.
         # relay's own paced stream (--test-stream): behind the key check, not the limits.
         if cfg.test_stream is not None and serve_test_stream(self, request, self._h11):
             return
@@ -339,10 +339,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if exchange.request_bytes + len(data) > self.config.max_body_bytes:
             if exchange.phase is Phase.BODY:
-                exchange.abort(Ending.LIMIT)  # fidelity (#15): a limit, not an error
+                exchange.abort(Ending.LIMIT)  # fidelity: a limit, not an error
                 self.close()
             else:
-                exchange.abort(Ending.LIMIT)  # fidelity (#15): a limit, not an error
+                exchange.abort(Ending.LIMIT)  # fidelity: a limit, not an error
                 self.send_error(RelayError(413, "request body too large", "request_too_large"))
             return
         exchange.request_data(data)

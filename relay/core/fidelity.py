@@ -1,4 +1,4 @@
-"""Stream fidelity on live traffic (issue #15): one :class:`StreamWatch` per exchange.
+"""Stream fidelity on live traffic: one :class:`StreamWatch` per exchange.
 
 The exchange calls in at a few points (each a clearly marked hook line):
 

@@ -80,7 +80,7 @@ class Metrics:
     bytes_from_clients: int = 0
     bytes_to_clients: int = 0
     active_exchanges: int = 0
-    # Stream fidelity (#15): coalesced reads by (upstream,), endings by
+    # Stream fidelity: coalesced reads by (upstream,), endings by
     # (ending, stream), what a departed client's upstream sent, keep-alives.
     coalesced_reads: Counter[tuple[str, ...]] = field(default_factory=Counter)
     endings: Counter[tuple[str, ...]] = field(default_factory=Counter)
@@ -91,7 +91,7 @@ class Metrics:
     time_to_head: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     time_to_first_byte: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     upstream_read_gap: Histogram = field(default_factory=lambda: Histogram(GAP_BUCKETS))
-    # Keys, limits and usage (issue #14). Labels are bounded: key names (or
+    # Keys, limits and usage. Labels are bounded: key names (or
     # "anonymous"), configured model names (others are "other"), fixed words.
     tokens: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # key, model, kind
     key_requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # key, result
@@ -173,14 +173,14 @@ class Metrics:
                 for labels, value in samples
             ]
             metric(name, "gauge", _GAUGE_HELP.get(name, name), lines)
-        # Stream fidelity (#15).
+        # Stream fidelity.
         for name, (_, text) in _FIDELITY_COUNTERS.items():
             metric(name, "counter", text, _fidelity_samples(self, name))
         for name, attribute, text in _FIDELITY_HISTOGRAMS:
             metric(name, "histogram", text, getattr(self, attribute).render(name))
         for name, attribute, text in _HISTOGRAMS:
             metric(name, "histogram", text, getattr(self, attribute).render(name))
-        # Keys, limits and usage (issue #14).
+        # Keys, limits and usage.
         for name, attribute, labels, text in _LABELLED:
             samples = [
                 name

@@ -86,7 +86,7 @@ class ServerState:
         self.ticker = Ticker(tick_interval(config))
         # Request bodies held to read their model, all together.
         self.inspect_budget = InspectBudget(config.max_inspect_bytes)
-        # Per-key limits, the --max-inflight queues, usage (issue #14).
+        # Per-key limits, the --max-inflight queues, usage.
         self.admission = Admission(config, self.metrics, self.keys.entries)
         pools = {
             address: UpstreamPool(

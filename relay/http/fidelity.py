@@ -1,4 +1,4 @@
-"""Stream fidelity decisions (issue #15), sans-IO: what to count and what to send.
+"""Stream fidelity decisions, sans-IO: what to count and what to send.
 
 relay sees every response byte unchanged, so it can show on live traffic
 what a benchmark shows once: whether bytes are held up on the way to the

@@ -1,4 +1,4 @@
-"""Stream fidelity on live traffic (#15), over real sockets under asyncio and uvloop.
+"""Stream fidelity on live traffic, over real sockets under asyncio and uvloop.
 
 Coalesced reads, endings counted as the access line names them, the timing
 of a departed client's cancellation, the body digest, SSE keep-alive

@@ -1,4 +1,4 @@
-"""State that must not outlive the exchange that set it (issue: 15 defects).
+"""State that must not outlive the exchange that set it (fifteen defects, one test each).
 
 Each test drives one case that left relay in a bad state before: a pooled
 upstream connection still paused, a dropped client still holding its slot,

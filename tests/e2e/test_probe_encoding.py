@@ -1,7 +1,7 @@
 """`relay probe` sees what real clients see: Accept-Encoding, compressed streams, private
 CAs, and a reader that goes away.
 
-Issue #17: an nginx with ``gzip_types text/event-stream`` held every token until
+The case reported: an nginx with ``gzip_types text/event-stream`` held every token until
 the end for the openai SDK, httpx and aiohttp (they send ``Accept-Encoding: gzip,
 deflate``), yet streamed to a probe that asked for no compression.
 """

@@ -1,4 +1,4 @@
-"""The lifecycle state space (relay #16), case by case, with its invariants.
+"""The lifecycle state space, case by case, with its invariants.
 
 Every case is one exchange: a client behaviour (fast, slow, paused, leaves)
 against an upstream behaviour (fast, slow, cuts, answers early), both landing

@@ -1,6 +1,6 @@
 """The per-request fast paths give what the plain versions they replaced gave.
 
-Issue #13 made relay's per-request functions cheaper: one pass over a head's
+The hot-path work made relay's per-request functions cheaper: one pass over a head's
 fields, ``Connection`` parsed only when one came, a regex call only where a
 bytes method cannot do. ``hotpath_reference`` keeps the plain versions; every
 function here is run over a corpus (and Hypothesis' examples) against its
