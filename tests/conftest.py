@@ -8,7 +8,7 @@ The suite runs against relay as pip installed it, never the checkout's
 users. So the checkout is kept off ``sys.path`` (``python -P``, and
 ``PYTHONSAFEPATH=1`` for every child process the tests start), and the first
 import of relay is checked to come from outside the checkout. Developers who
-want the fast loop against their edits set ``RELAY_TEST_CHECKOUT=1``.
+want the fast loop against their edits set ``TEST_FROM_CHECKOUT=1``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-FROM_CHECKOUT = os.environ.get("RELAY_TEST_CHECKOUT") == "1"
+FROM_CHECKOUT = os.environ.get("TEST_FROM_CHECKOUT") == "1"
 
 if not FROM_CHECKOUT:
     # Child processes (`python -m relay`, the bench) must not find the
@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"the tests imported relay from the checkout ({origin.parent}), not from the "
             "installed package; run them as the README says: "
-            "pip install '.[test]' && python -P -m pytest (or set RELAY_TEST_CHECKOUT=1)"
+            "pip install '.[test]' && python -P -m pytest (or set TEST_FROM_CHECKOUT=1)"
         )
 
 

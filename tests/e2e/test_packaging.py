@@ -28,6 +28,11 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 TREE = sorted(p.relative_to(CHECKOUT).as_posix() for p in (CHECKOUT / "relay").rglob("*.py"))
 LIMIT = 30.0
 
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TEST_FROM_CHECKOUT") == "1",
+    reason="TEST_FROM_CHECKOUT=1: the checkout is under test, not an install",
+)
+
 
 def installed() -> metadata.Distribution:
     return metadata.distribution("relay")
@@ -42,7 +47,7 @@ def console_script() -> Path:
 
 def outside_env() -> dict[str, str]:
     """The environment of a user's shell: nothing that points into the checkout."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RELAY_TEST_CHECKOUT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TEST_FROM_CHECKOUT")}
     return {**env, "PYTHONSAFEPATH": "1"}
 
 
