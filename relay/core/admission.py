@@ -109,7 +109,9 @@ class Gate:
             async with asyncio.timeout(self.timeout):
                 await waiter
         except TimeoutError:
-            if not self.queue.remove(key, waiter) and waiter.done():
+            # The timeout cancels the waiter unless a slot was handed to it
+            # first; a cancelled waiter holds no slot, whoever took it out.
+            if not self.queue.remove(key, waiter) and _handed_over(waiter):
                 return None  # the slot came as the wait ran out: use it
             self.metrics.key_requests[key, "queue_timeout"] += 1
             return RelayError(
@@ -119,7 +121,7 @@ class Gate:
                 ((b"retry-after", b"1"),),
             )
         except asyncio.CancelledError:
-            if not self.queue.remove(key, waiter) and waiter.done() and not waiter.cancelled():
+            if not self.queue.remove(key, waiter) and _handed_over(waiter):
                 self.leave()  # handed a slot while leaving: pass it on
             raise
         finally:
@@ -128,11 +130,22 @@ class Gate:
 
     def leave(self) -> None:
         """Give the slot back: to the next waiter whose turn it is, or to the count."""
-        while (waiter := self.queue.pop()) is not None:
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes to it; in_flight unchanged
-                return
+        # A waiter already cancelled (timed out or its client left, its task
+        # not run yet) is dropped without costing its key the turn.
+        waiter = self.queue.pop(skip=_gone)
+        if waiter is not None:
+            waiter.set_result(None)  # the slot passes to it; in_flight unchanged
+            return
         self.in_flight -= 1
+
+
+def _handed_over(waiter: asyncio.Future[None]) -> bool:
+    """Whether :meth:`Gate.leave` gave ``waiter`` a slot: a result, not a cancellation."""
+    return waiter.done() and not waiter.cancelled()
+
+
+def _gone(waiter: asyncio.Future[None]) -> bool:
+    return waiter.done()
 
 
 class Ticket:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
@@ -186,14 +186,26 @@ class FairQueue(Generic[T]):
             del self._by_key[key]
         return True
 
-    def pop(self) -> T | None:
-        """The next waiter: the oldest of the key whose turn it is; ``None`` if empty."""
-        for key in self._by_key:
-            waiting = self._by_key.pop(key)
+    def pop(self, skip: Callable[[T], bool] | None = None) -> T | None:
+        """The next waiter: the oldest of the key whose turn it is; ``None`` if empty.
+
+        Items for which ``skip`` is true (waiters that left but are still
+        queued) are dropped on the way, and their key keeps its turn: only a
+        waiter that is served sends its key to the back of the rotation.
+        """
+        by_key = self._by_key
+        while by_key:
+            key = next(iter(by_key))
+            waiting = by_key[key]
             item = waiting.popleft()
             self._length -= 1
+            if skip is not None and skip(item):
+                if not waiting:
+                    del by_key[key]
+                continue
+            del by_key[key]
             if waiting:
-                self._by_key[key] = waiting  # back of the rotation
+                by_key[key] = waiting  # back of the rotation
             return item
         return None
 
