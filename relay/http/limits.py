@@ -69,10 +69,15 @@ class TokenBucket:
             self._at = now
         return self.level
 
-    def seconds_until(self, level: float, now: float) -> int:
-        """Whole seconds (at least 1) until the bucket holds more than ``level``."""
-        missing = level - self.refill(now)
-        return max(1, math.ceil(missing / self.rate)) if self.rate else 60
+    def seconds_until(self, level: float, now: float, *, above: bool = False) -> int:
+        """Whole seconds (at least 1) until the bucket holds ``level``, or more than
+        ``level`` when ``above``: a Retry-After after which the check passes."""
+        if not self.rate:
+            return 60
+        seconds = (level - self.refill(now)) / self.rate
+        # A whole number of seconds that only reaches the level exactly is not
+        # enough when the check wants more than it.
+        return max(1, math.floor(seconds) + 1 if above else math.ceil(seconds))
 
     def take(self, amount: float, now: float) -> None:
         """Spend ``amount`` (the level may go below zero: spent is spent)."""
@@ -122,7 +127,7 @@ class Budget:
         if tokens is not None and tokens.refill(now) <= 0:
             return Refusal(
                 "tpm",
-                tokens.seconds_until(0, now),
+                tokens.seconds_until(0, now, above=True),
                 f"tokens per minute limit reached for this key (limit {limits.tpm})",
             )
         return None

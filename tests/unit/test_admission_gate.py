@@ -9,14 +9,19 @@ callbacks in one turn.
 from __future__ import annotations
 
 import asyncio
+import copy
 import selectors
 from collections.abc import Callable
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from relay.core.admission import Gate
 from relay.core.metrics import Metrics
 from relay.http.errors import RelayError
+from relay.http.limits import Budget, FairQueue, KeyLimits
 
 
 class VirtualClockLoop(asyncio.SelectorEventLoop):
@@ -145,3 +150,292 @@ def test_a_waiter_that_left_does_not_cost_its_key_its_turn(loop):
     loop.advance(1.6)
     loop.settle()
     assert order == ["b1", "a2"]
+
+
+# -- a stateful property test: random interleavings on the virtual clock ------
+#: Deadlines fall between the test's quarter-second steps, so no two timers of
+#: the test are due at the very same instant (their order would be the heap's).
+WAIT = 1.01
+STEPS = st.sampled_from((0.0, 0.5, 1.5))
+KEY = st.sampled_from("abc")
+
+
+class RecordingQueue(FairQueue[asyncio.Future[None]]):
+    """The gate's own queue, recording which request each served waiter was."""
+
+    def __init__(self, limit: int, machine: GateMachine) -> None:
+        super().__init__(limit)
+        self.machine = machine
+
+    def push(self, key: str, item: asyncio.Future[None]) -> bool:
+        pushed = super().push(key, item)
+        if pushed:
+            self.machine.queued(key, item)
+        return pushed
+
+    def pop(
+        self, skip: Callable[[asyncio.Future[None]], bool] | None = None
+    ) -> asyncio.Future[None] | None:
+        item = super().pop(skip)
+        if item is not None:
+            self.machine.served(item)
+        return item
+
+
+class Request:
+    def __init__(self, rid: int, key: str, started: float) -> None:
+        self.rid = rid
+        self.key = key
+        self.started = started
+        self.state = "new"  # new, waiting, admitted, released, or an error code
+        self.task: asyncio.Task[None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.queue_was_full = False
+
+
+class GateMachine(RuleBasedStateMachine):
+    """enter, queue timeout, client cancel, release and drain in any order, in one
+    loop turn or across turns. In-flight stays within [0, limit], every admitted
+    request gives its slot back exactly once, and keys are served in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = VirtualClockLoop()
+        self.gate: Gate | None = None
+        self.requests: list[Request] = []
+        self.releases: dict[int, int] = {}
+        self.by_waiter: dict[asyncio.Future[None], Request] = {}
+        self.served_since: dict[str, dict[str, int]] = {}
+        self.violations: list[str] = []
+
+    @initialize(limit=st.integers(1, 3), queue_size=st.integers(1, 4))
+    def make_gate(self, limit: int, queue_size: int) -> None:
+        self.gate = Gate("u", limit, queue_size, WAIT, Metrics())
+        self.gate.queue = RecordingQueue(queue_size, self)
+
+    # -- hooks from the queue -----------------------------------------------
+    def live(self, key: str) -> bool:
+        return any(
+            r.key == key and r.state == "waiting" and r.waiter is not None and not r.waiter.done()
+            for r in self.requests
+        )
+
+    def queued(self, key: str, waiter: asyncio.Future[None]) -> None:
+        task = asyncio.current_task(self.loop)
+        request = next(r for r in self.requests if r.task is task)
+        if not self.live(key):
+            self.served_since[key] = {}  # a new stretch of waiting for this key
+        request.waiter = waiter
+        request.state = "waiting"
+        self.by_waiter[waiter] = request
+
+    def served(self, waiter: asyncio.Future[None]) -> None:
+        key = self.by_waiter[waiter].key
+        self.served_since[key] = {}
+        for other in {r.key for r in self.requests} - {key}:
+            if other != key and self.live(other):
+                seen = self.served_since.setdefault(other, {})
+                seen[key] = seen.get(key, 0) + 1
+                assert seen[key] <= 1, f"{key} served twice while {other} waited"
+
+    # -- the request's own task ---------------------------------------------
+    async def run(self, request: Request) -> None:
+        gate = self.gate
+        assert gate is not None
+        request.started = self.loop.time()
+        request.queue_was_full = len(gate.queue) >= gate.queue.limit
+        error = await gate.enter(request.key)
+        # A failed check here is recorded for the invariants: an exception in
+        # the task would only reach the loop's exception handler.
+        if error is not None:
+            request.state = error.code
+            if error.code == "queue_timeout":
+                if self.loop.time() < request.started + WAIT:
+                    self.violations.append(f"request {request.rid} timed out early")
+            elif not (error.code == "queue_full" and request.queue_was_full):
+                self.violations.append(f"request {request.rid} refused: {error.code}")
+            return
+        request.state = "admitted"
+        holders = sum(r.state == "admitted" for r in self.requests)
+        if holders > gate.limit:
+            self.violations.append(f"{holders} admitted over a limit of {gate.limit}")
+
+    def release(self, request: Request) -> None:
+        """What the exchange's one ending does: give the slot back, synchronously."""
+        if request.state != "admitted":
+            return
+        request.state = "released"
+        self.releases[request.rid] = self.releases.get(request.rid, 0) + 1
+        assert self.gate is not None
+        self.gate.leave()
+
+    # -- rules ------------------------------------------------------------------
+    @rule(key=KEY)
+    def enter(self, key: str) -> None:
+        request = Request(len(self.requests), key, self.loop.time())
+        self.requests.append(request)
+        request.task = self.loop.create_task(self.run(request))
+
+    @rule(data=st.data(), delay=STEPS)
+    def release_later(self, data: st.DataObject, delay: float) -> None:
+        admitted = [r for r in self.requests if r.state == "admitted"]
+        if admitted:
+            request = data.draw(st.sampled_from(admitted))
+            self.loop.call_at(self.loop.time() + delay, self.release, request)
+
+    @rule(data=st.data(), delay=STEPS)
+    def client_leaves_later(self, data: st.DataObject, delay: float) -> None:
+        pending = [r for r in self.requests if r.task is not None and not r.task.done()]
+        if pending:
+            request = data.draw(st.sampled_from(pending))
+            assert request.task is not None
+            self.loop.call_at(self.loop.time() + delay, request.task.cancel)
+
+    @rule(step=STEPS)
+    def time_passes(self, step: float) -> None:
+        self.loop.advance(self.loop.time() + step)
+
+    @rule()
+    def drain(self) -> None:
+        """Every request ends at once (shutdown): waiters cancelled, holders released."""
+
+        def end_all() -> None:
+            for request in self.requests:
+                if request.task is not None and not request.task.done():
+                    request.task.cancel()
+                self.release(request)
+
+        self.loop.call_soon(end_all)
+        self.loop.settle()
+        assert self.gate is not None
+        assert self.gate.in_flight == 0 and len(self.gate.queue) == 0
+
+    # -- invariants -------------------------------------------------------------
+    @invariant()
+    def in_flight_within_bounds(self) -> None:
+        gate = self.gate
+        if gate is None:
+            return
+        holders = sum(r.state == "admitted" for r in self.requests)
+        assert 0 <= gate.in_flight <= gate.limit
+        assert holders <= gate.in_flight  # the rest are slots handed over, in transit
+
+    @invariant()
+    def no_violation_seen_by_a_request(self) -> None:
+        assert self.violations == []
+
+    @invariant()
+    def released_at_most_once(self) -> None:
+        assert all(n == 1 for n in self.releases.values())
+
+    def teardown(self) -> None:
+        try:
+            gate = self.gate
+            if gate is not None:
+                self.loop.settle()  # slots in transit reach their tasks
+                holders = sum(r.state == "admitted" for r in self.requests)
+                assert gate.in_flight == holders
+                # Release everyone, then again those a freed slot reached, until
+                # the waits have run out: the gate ends empty.
+                for _ in range(4):
+                    for request in self.requests:
+                        self.release(request)
+                    self.loop.advance(self.loop.time() + WAIT)
+                    self.loop.settle()
+                for request in self.requests:
+                    assert request.task is not None and request.task.done()
+                    assert request.task.cancelled() or request.state not in ("new", "waiting")
+                    assert request.state != "admitted"
+                assert all(
+                    self.releases.get(r.rid) == 1 for r in self.requests if r.state == "released"
+                )
+                assert gate.in_flight == 0 and len(gate.queue) == 0
+        finally:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.settle()
+            self.loop.close()
+
+
+GateMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=30, deadline=None, derandomize=True
+)
+test_gate_holds_under_any_interleaving = GateMachine.TestCase
+
+
+# -- per-key concurrency and token buckets (sans-IO, times given) -------------
+class BudgetMachine(RuleBasedStateMachine):
+    """Requests admitted and ended at random times against one key's limits.
+
+    In flight stays within [0, concurrent]; each admitted request is released
+    once; a token bucket never lets in more than its burst plus its refill
+    since the start; a refusal's Retry-After is enough for that limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.budget: Budget | None = None
+        self.open: list[int] = []  # admitted, not yet released
+        self.next_id = 0
+        self.admitted = 0
+        self.spent = 0
+
+    @initialize(
+        concurrent=st.integers(0, 3), rpm=st.integers(0, 5), tpm=st.sampled_from((0, 60, 1000))
+    )
+    def make_budget(self, concurrent: int, rpm: int, tpm: int) -> None:
+        self.budget = Budget(KeyLimits(concurrent, rpm, tpm), self.now)
+
+    @rule(step=st.sampled_from((0.0, 0.5, 1.0, 7.0, 30.0)))
+    def time_passes(self, step: float) -> None:
+        self.now += step
+
+    @rule()
+    def request(self) -> None:
+        budget = self.budget
+        assert budget is not None
+        limits = budget.limits
+        refusal = budget.admit(self.now)
+        if refusal is None:
+            self.open.append(self.next_id)
+            self.next_id += 1
+            self.admitted += 1
+            if limits.rpm:  # the request bucket had a whole request left
+                assert self.admitted <= limits.rpm + self.now * limits.rpm / 60 + 1e-9
+            if limits.tpm:  # the token bucket was above zero
+                assert self.spent < limits.tpm + self.now * limits.tpm / 60
+            return
+        assert refusal.retry_after >= 1
+        if refusal.limit == "concurrent":
+            assert limits.concurrent and len(self.open) >= limits.concurrent
+            return
+        # Asked on a copy: a check moves the buckets' clocks to the time given.
+        later = copy.deepcopy(budget).check(self.now + refusal.retry_after)
+        assert later is None or later.limit != refusal.limit, refusal
+
+    @rule(data=st.data(), tokens=st.sampled_from((0, 1, 7, 59, 400)))
+    def request_ends(self, data: st.DataObject, tokens: int) -> None:
+        if not self.open:
+            return
+        rid = data.draw(st.sampled_from(self.open))
+        self.open.remove(rid)  # a second release of one request cannot happen
+        assert self.budget is not None
+        self.budget.release(tokens, self.now)
+        self.spent += tokens
+
+    @invariant()
+    def in_flight_is_what_was_admitted_and_not_released(self) -> None:
+        budget = self.budget
+        if budget is None:
+            return
+        assert budget.in_flight == len(self.open) >= 0
+        if budget.limits.concurrent:
+            assert budget.in_flight <= budget.limits.concurrent
+        if budget.idle(self.now):
+            assert not self.open
+
+
+BudgetMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=30, deadline=None, derandomize=True
+)
+test_key_budgets_hold_under_any_interleaving = BudgetMachine.TestCase
