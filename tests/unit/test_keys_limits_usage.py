@@ -142,13 +142,15 @@ def test_requests_per_minute_refill_evenly_and_say_when_to_retry():
 
 
 def test_tokens_per_minute_are_debited_at_the_end_and_may_go_below_zero():
-    """tpm=600 (10/s): a request using 700 leaves -100, so the next waits 10 s."""
+    """tpm=600 (10/s): a request using 700 leaves -100; the bucket is at zero after
+    10 s and above it (a request may go) after 11, the Retry-After given."""
     budget = Budget(KeyLimits(tpm=600), now=0.0)
     assert budget.admit(0.0) is None
     budget.release(700, 0.0)
     refusal = budget.admit(0.0)
-    assert refusal is not None and refusal.limit == "tpm" and refusal.retry_after == 10
-    assert budget.admit(10.5) is None
+    assert refusal is not None and refusal.limit == "tpm" and refusal.retry_after == 11
+    assert budget.check(10.0) is not None
+    assert budget.admit(11.0) is None
 
 
 def test_key_limits_fall_back_to_the_defaults_and_zero_means_none():
