@@ -228,6 +228,7 @@ class Ticket:
         media = b""
         length: int | None = None
         for name, value in headers:
+            name = name.lower()  # a handful of fields, once per response
             if name == b"content-type":
                 media = value.split(b";", 1)[0].strip().lower()
             elif name == b"content-length" and value.isdigit():

@@ -300,7 +300,11 @@ class ClientConnection(asyncio.Protocol):
             self.send_error(RelayError(405, "CONNECT is not supported", "method_not_allowed"))
             return
         for name, value in fields:
-            if name == b"content-length" and int(value) > cfg.max_body_bytes:
+            if (
+                len(name) == 14
+                and name.lower() == b"content-length"
+                and int(value) > cfg.max_body_bytes
+            ):
                 self.send_error(RelayError(413, "request body too large", "request_too_large"))
                 return
         # Per-key limits (issue #14, core/admission.py): 429 before the upstream sees anything.

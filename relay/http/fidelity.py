@@ -14,7 +14,9 @@ built-in test stream (``--test-stream``) answers.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+
+# Names as the upstream wrote them: the one case-blind reader (re-exported).
+from .headers import is_event_stream
 
 __all__ = [
     "DIGEST_ALGORITHM",
@@ -54,14 +56,6 @@ def ending_for_status(status: int) -> str:
     if status in (413, 429):
         return "limit"
     return "error"
-
-
-def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether a (lower-cased, h11) header list announces ``text/event-stream``."""
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
 
 
 def ends_event(last_read: bytes, *, chunked: bool) -> bool:

@@ -382,6 +382,52 @@ def test_no_keepalive_for_a_response_that_is_not_a_200_event_stream(loop_kind, h
     run(loop_kind, main)
 
 
+@pytest.mark.parametrize(
+    ("content_type", "transfer_encoding"),
+    [
+        (b"content-type", b"transfer-encoding"),
+        (b"CONTENT-TYPE", b"TRANSFER-ENCODING"),
+        (b"Content-Type", b"Transfer-Encoding"),
+    ],
+    ids=["lower", "upper", "mixed"],
+)
+def test_an_event_stream_is_known_whatever_case_the_upstream_writes_its_fields_in(
+    loop_kind, access, content_type, transfer_encoding
+):
+    """Go's net/http, llama.cpp and nginx write ``Content-Type``: the stream still gets
+    keep-alive comments, the ``stream="true"`` ending and its usage read."""
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    head = b"HTTP/1.1 200 OK\r\n%b: text/event-stream\r\n%b: chunked\r\n\r\n" % (
+        content_type,
+        transfer_encoding,
+    )
+
+    async def upstream(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(head + b"%x\r\n%b\r\n" % (len(usage), usage))
+        await writer.drain()
+        await asyncio.sleep(0.45)  # silent: keep-alives due
+        writer.write(LAST_CHUNK)
+
+    async def main():
+        async with setup(upstream, sse_keepalive=0.1) as (_, relay):
+            reader, writer = await connect(relay)
+            writer.write(request_bytes(extra=b"Connection: close\r\n"))
+            _, body = split_response(await read_to_eof(reader))
+            assert KEEPALIVE_COMMENT in dechunk(body)
+            await until(lambda: relay.state.metrics.active_exchanges == 0)
+            line = access.lines[-1]
+            assert line["keepalives"] >= 1
+            assert (line["usage"], line["prompt_tokens"], line["completion_tokens"]) == (
+                "reported",
+                3,
+                2,
+            )
+            assert relay.state.metrics.endings[("complete", "true")] == 1
+
+    run(loop_kind, main)
+
+
 # -- the test stream ----------------------------------------------------------------------
 async def closed_port() -> int:
     """A loopback port nothing listens on (the test stream needs no upstream)."""
