@@ -32,20 +32,22 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from ..config import Config
 from ..http.auth import NamedKey
 from ..http.errors import RelayError
 from ..http.limits import Budget, FairQueue, KeyLimits
 from ..http.usage import (
-    MAX_JSON_BYTES,
     NO_USAGE,
-    TAIL_READS,
     Usage,
+    estimate_json,
+    reads_kept,
     usage_from_json,
+    usage_from_json_tail,
     usage_from_stream,
 )
 
 if TYPE_CHECKING:
-    from ..config import Config, UpstreamAddress
+    from ..config import UpstreamAddress
     from .metrics import Gauges, Metrics
     from .upstream import UpstreamPool
 
@@ -156,6 +158,7 @@ class Ticket:
         "_chunked",
         "_gate",
         "_kind",
+        "_max_usage",
         "_reads",
         "_settled",
         "admission",
@@ -181,6 +184,10 @@ class Ticket:
         self._kind = ""  # "stream", "json" or "" (not counted)
         self._chunked = False
         self._settled: Usage | None = None
+        # The default when no admission (so no configuration) comes with it.
+        self._max_usage = (
+            admission.config.max_usage_bytes if admission is not None else Config.max_usage_bytes
+        )
 
     def try_enter(self, pool: UpstreamPool) -> bool:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream without waiting, if
@@ -220,8 +227,11 @@ class Ticket:
     ) -> Callable[[bytes], None]:
         """The per-read hook for this response's body: where to keep a reference.
 
-        A stream keeps its last :data:`TAIL_READS` reads; a JSON body of known
-        length up to the limit keeps all of them; anything else keeps none.
+        A stream, and a JSON body of unknown length or larger than
+        ``--max-usage-bytes``, keep their last :func:`reads_kept` reads; a
+        JSON body of known length up to that bound keeps all of them;
+        anything else keeps none. Either way a count of reads (a C
+        ``deque.append`` per read), never a copy.
         """
         if not 200 <= status < 300:
             return IGNORE_READ
@@ -237,16 +247,14 @@ class Ticket:
                 self._chunked = True
         if media == b"text/event-stream":
             self._kind = "stream"
-            self._reads = deque(maxlen=TAIL_READS)
         elif media == b"application/json":
-            if length is not None and length > MAX_JSON_BYTES:
-                return IGNORE_READ
             self._kind = "json"
-            # Known length: all reads (at most the limit). Chunked: the last
-            # few, counted only if they turn out to be the whole body.
-            self._reads = deque(maxlen=None if length is not None else TAIL_READS)
+            if length is not None and length <= self._max_usage:
+                self._reads = deque()  # the whole body: at most the bound
+                return self._reads.append
         else:
             return IGNORE_READ
+        self._reads = deque(maxlen=reads_kept(self._max_usage))
         return self._reads.append
 
     def settle(
@@ -261,10 +269,16 @@ class Ticket:
         reads, self._reads = self._reads, None
         usage = NO_USAGE
         if reads:
+            bound = self._max_usage
             if self._kind == "stream":
-                usage = usage_from_stream(reads, bytes_out)
-            elif sum(map(len, reads)) == bytes_out:  # the whole body was kept
-                usage = usage_from_json(reads, chunked=self._chunked)
+                usage = usage_from_stream(reads, bytes_out, max_bytes=bound)
+            else:
+                if sum(map(len, reads)) == bytes_out:  # the whole body was kept
+                    usage = usage_from_json(reads, chunked=self._chunked, max_bytes=bound)
+                if usage.source == "none":
+                    usage = usage_from_json_tail(reads, max_bytes=bound)
+                if usage.source == "none":
+                    usage = estimate_json(bytes_out)
         self._settled = usage
         metrics = self.metrics
         label = self.label
