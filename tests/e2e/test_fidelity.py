@@ -239,6 +239,65 @@ def test_ending_counters_equal_the_access_lines_after_a_mix_of_endings(loop_kind
 
 
 # -- cancellation ----------------------------------------------------------------------
+def test_refusals_queue_503s_and_a_drain_cut_each_get_one_access_line_and_ending(loop_kind, access):
+    """A 429 and a 413 that relay answers itself, a full queue and a queue timeout
+    (limits, all four) and a stream cut by the drain (``drain``): one access line
+    each, and the endings counter says the same."""
+
+    async def upstream(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(CHUNKED_HEAD + sse_chunk("a"))  # then holds the only slot
+        await writer.drain()
+        await reader.read()
+
+    async def answer(relay, raw: bytes) -> bytes:
+        reader, writer = await connect(relay)
+        writer.write(raw)
+        data = await asyncio.wait_for(read_to_eof(reader), WAIT)
+        writer.close()
+        return data
+
+    async def main():
+        limits = {
+            "max_body_bytes": 1024,
+            "key_rpm": 3,  # per client address: a burst of 3, then 429
+            "max_inflight": 1,
+            "queue_size": 1,
+            "queue_timeout": 0.5,
+        }
+        async with setup(upstream, **limits) as (_, relay):
+            metrics = relay.state.metrics
+            held_reader, held = await connect(relay)
+            held.write(request_bytes("/hold"))
+            await asyncio.wait_for(held_reader.readuntil(b"data: a\n\n"), WAIT)
+            queued = asyncio.ensure_future(answer(relay, request_bytes("/queued")))
+            gates = relay.state.admission._gates.values()
+            await until(lambda: sum(len(g.queue) for g in gates) == 1)
+            assert b" 503 " in await answer(relay, request_bytes("/full"))
+            assert b"queue_timeout" in await queued
+            assert b" 429 " in await answer(relay, request_bytes("/rpm"))
+            too_big = b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n"
+            assert b" 413 " in await answer(relay, too_big)
+            assert metrics.active_exchanges == 1
+        # Leaving the block closes relay with no drain time: /hold is cut.
+        await until(lambda: len(access.lines) == 5)
+        by_path = {line["path"]: (line["status"], line["ending"]) for line in access.lines}
+        assert by_path == {
+            "/queued": (503, "limit"),
+            "/full": (503, "limit"),
+            "/rpm": (429, "limit"),
+            "/big": (413, "limit"),
+            "/hold": (200, "drain"),
+        }
+        counted = collections.Counter()
+        for (ending, _stream), n in metrics.endings.items():
+            counted[ending] += n
+        assert +counted == collections.Counter(line["ending"] for line in access.lines)
+        assert metrics.endings["drain", "true"] == 1
+
+    run(loop_kind, main)
+
+
 def test_a_departed_client_is_timed_and_the_upstream_bytes_dropped_are_counted(loop_kind, access):
     """When a client that stopped reading leaves, relay closes its upstream at once,
     records how long that took and how many bytes the upstream had sent unread."""
