@@ -156,11 +156,13 @@ class Ticket:
     # One per request: slots make it smaller and its attributes cheaper to set.
     __slots__ = (
         "_chunked",
+        "_counted",
         "_gate",
         "_kind",
         "_max_usage",
         "_reads",
         "_settled",
+        "_waiting",
         "admission",
         "budget",
         "label",
@@ -184,6 +186,10 @@ class Ticket:
         self._kind = ""  # "stream", "json" or "" (not counted)
         self._chunked = False
         self._settled: Usage | None = None
+        # relay_key_requests_total: one result per request, counted once it
+        # is known (the queue may still refuse a request the key limits let in).
+        self._counted = admission is None
+        self._waiting = False  # queued for a --max-inflight slot
         # The default when no admission (so no configuration) comes with it.
         self._max_usage = (
             admission.config.max_usage_bytes if admission is not None else Config.max_usage_bytes
@@ -194,13 +200,16 @@ class Ticket:
         none is needed or one is free; false when the caller must await :meth:`enter`."""
         gate = self.admission.gate(pool.address) if self.admission is not None else None
         if gate is self._gate:
+            self._result("admitted")
             return True
         if gate is None:
             self._leave_gate()
+            self._result("admitted")
             return True
         if gate.try_enter():
             self._leave_gate()
             self._gate = gate
+            self._result("admitted")
             return True
         return False
 
@@ -208,14 +217,29 @@ class Ticket:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream (kept on a retry there)."""
         gate = self.admission.gate(pool.address) if self.admission is not None else None
         if gate is self._gate:
+            self._result("admitted")
             return None
         self._leave_gate()
         if gate is None:
+            self._result("admitted")
             return None
-        error = await gate.enter(self.label)
+        self._waiting = True
+        try:
+            error = await gate.enter(self.label)
+        finally:
+            self._waiting = False
         if error is None:
             self._gate = gate
+            self._result("admitted")
+        else:
+            self._counted = True  # the gate counted queue_full or queue_timeout
         return error
+
+    def _result(self, result: str) -> None:
+        """Count this request's result by key, once."""
+        if not self._counted:
+            self._counted = True
+            self.metrics.key_requests[self.label, result] += 1
 
     def _leave_gate(self) -> None:
         gate, self._gate = self._gate, None
@@ -290,6 +314,9 @@ class Ticket:
             metrics.tokens[label, model, "prompt"] += usage.prompt
             metrics.tokens[label, model, "completion"] += usage.completion
         metrics.usage[label, usage.source] += 1
+        # Ended while queued: the client left. Ended before any gate (relay
+        # answered itself, or the request failed first): it passed every limit.
+        self._result("queue_left" if self._waiting else "admitted")
         if self._gate is not None:
             self._leave_gate()
         if admission is not None:
@@ -352,7 +379,6 @@ class Admission:
                 return RelayError(
                     429, refusal.message, "rate_limit_exceeded", ((b"retry-after", retry),)
                 )
-        self.metrics.key_requests[label, "admitted"] += 1
         self.in_flight[label] += 1
         return Ticket(self.metrics, label, admission=self, budget=budget)
 

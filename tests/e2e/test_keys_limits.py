@@ -234,6 +234,12 @@ def test_a_full_queue_and_a_wait_that_runs_out_get_503(sglang):
         eventually(lambda: nothing_held(relay))
         text = relay.call(lambda: relay.server.state.metrics.render())  # type: ignore[union-attr]
         assert 'relay_key_requests_total{key="team-b",result="queue_full"} 1' in text
+        # One result per request, and they add up: the two refused by the queue
+        # are not also counted as admitted.
+        results = relay.metrics().key_requests
+        assert results["team-b", "queue_full"] == results["team-b", "queue_timeout"] == 1
+        assert results["team-b", "admitted"] == 0
+        assert results["team-a", "admitted"] == 1
 
 
 def test_usage_is_counted_for_streams_with_and_without_usage_and_for_json(sglang, caplog):

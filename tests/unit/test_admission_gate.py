@@ -12,13 +12,16 @@ import asyncio
 import copy
 import selectors
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from relay.core.admission import Gate
+from relay.config import Config
+from relay.core.admission import Admission, Gate, Ticket
 from relay.core.metrics import Metrics
 from relay.http.errors import RelayError
 from relay.http.limits import Budget, FairQueue, KeyLimits
@@ -150,6 +153,33 @@ def test_a_waiter_that_left_does_not_cost_its_key_its_turn(loop):
     loop.advance(1.6)
     loop.settle()
     assert order == ["b1", "a2"]
+
+
+def test_each_request_counts_one_result_by_key_and_the_queue_refusals_are_not_admitted(loop):
+    """admitted + queue_left + queue_timeout + ... add up to the requests let in by the
+    key limits: one admitted, one whose client left while queued, one timed out."""
+    config = Config(max_inflight=1, queue_size=4, queue_timeout=1.0)
+    admission = Admission(config, Metrics())
+    pool = SimpleNamespace(address="u:1")
+    tickets = [admission.admit(None, "10.0.0.1") for _ in range(3)]
+    assert all(isinstance(t, Ticket) for t in tickets)
+    first, leaving, late = cast(list[Ticket], tickets)
+    assert first.try_enter(pool)
+    left = loop.create_task(leaving.enter(pool))
+    timed = loop.create_task(late.enter(pool))
+    loop.turn()
+    leaving.settle(0, None, None)  # the exchange ends while queued (client gone) ...
+    left.cancel()  # ... and cancels its connect task
+    loop.advance(2.0)
+    loop.settle()
+    assert timed.result() is not None and timed.result().code == "queue_timeout"
+    first.settle(0, None, None)
+    results = admission.metrics.key_requests
+    assert +results == {
+        ("anonymous", "admitted"): 1,
+        ("anonymous", "queue_left"): 1,
+        ("anonymous", "queue_timeout"): 1,
+    }
 
 
 # -- a stateful property test: random interleavings on the virtual clock ------
