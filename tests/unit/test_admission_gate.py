@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import selectors
+import subprocess
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import cast
@@ -23,8 +24,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from relay.config import Config
 from relay.core.admission import Admission, Gate, Ticket
 from relay.core.metrics import Metrics
+from relay.core.state import ServerState
 from relay.http.errors import RelayError
 from relay.http.limits import Budget, FairQueue, KeyLimits
+from relay.ops.workers import Supervisor, _Worker
 
 
 class VirtualClockLoop(asyncio.SelectorEventLoop):
@@ -469,3 +472,49 @@ BudgetMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=30, deadline=None, derandomize=True
 )
 test_key_budgets_hold_under_any_interleaving = BudgetMachine.TestCase
+
+
+# -- the same pattern elsewhere: an answer that comes as the wait runs out -----
+class FakeWriter:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_a_workers_answer_that_comes_as_the_wait_runs_out_is_not_lost(loop):
+    """The parent asks a worker (a watchdog ping, a metrics scrape); the answer arrives
+    in the turn its time runs out: the answer is used, not taken for no answer."""
+    supervisor = Supervisor(Config(), [], [])
+    worker = _Worker(cast(subprocess.Popen[bytes], SimpleNamespace(pid=1)))
+    worker.writer = cast(asyncio.StreamWriter, FakeWriter())
+    asked = loop.create_task(supervisor._ask(worker, "ping", 1.0))
+    loop.turn()
+    (future,) = worker.waiting.values()
+    at(loop, 0.5, lambda: future.set_result({"pong": True}))
+    loop.advance(1.5)  # the answer (0.5) and the deadline (1.0) in one turn
+    loop.settle()
+    assert asked.result() == {"pong": True}
+
+
+def test_a_drain_that_ends_as_its_time_runs_out_is_reported_as_drained(loop, monkeypatch):
+    """The last exchange ends in the turn the drain time runs out: drained, so the
+    shutdown does not report cutting streams that are not there."""
+    state = ServerState(Config())
+    busy = [True]
+    monkeypatch.setattr(state, "busy", lambda: busy[0])
+
+    def last_exchange_ends() -> None:
+        busy[0] = False
+        state.exchange_settled()
+
+    drained = loop.create_task(state.wait_drained(1.0))
+    loop.turn()
+    at(loop, 0.5, last_exchange_ends)
+    loop.advance(1.5)
+    loop.settle()
+    assert drained.result() is True
