@@ -343,15 +343,18 @@ class ClientConnection(asyncio.Protocol):
         self._body_left = int(plan.length) if plan.length is not None else 0
         exchange.start()
 
-    def _refuse(self, request: h11.Request, error: RelayError, key: str | None = None) -> None:
+    def _refuse(
+        self, request: h11.Request | None, error: RelayError, key: str | None = None
+    ) -> None:
         """Answer a request relay refuses itself, before any exchange: like every
-        request, it gets one access line and one count in the endings."""
+        request, it gets one access line and one count in the endings (method and
+        path ``-`` for a head relay could not read, as nginx logs one)."""
         ending = ending_for_status(error.status, error.code)
         self.state.metrics.endings[ending, "false"] += 1
         log_exchange(
             client=self.client_host,
-            method=request.method,
-            target=request.target,
+            method=b"-" if request is None else request.method,
+            target=b"-" if request is None else request.target,
             status=error.status,
             upstream="-",
             requested_model=None,
@@ -388,11 +391,14 @@ class ClientConnection(asyncio.Protocol):
             exchange.abort(Ending.ERROR)
             self.close()
             return
-        if exchange is not None:
-            exchange.abort(Ending.ERROR)
         # h11's text quotes the offending line (it may hold an API key): it
         # is neither logged nor sent; a fixed message names the problem.
-        self.send_error(RelayError(status, protocol_error_message(status, str(exc))))
+        error = RelayError(status, protocol_error_message(status, str(exc)))
+        if exchange is not None:
+            exchange.abort(Ending.ERROR)  # its access line is written there
+            self.send_error(error)
+        else:
+            self._refuse(None, error)
 
     # -- called by the exchange ----------------------------------------------
     def exchange_ready_for_body(self) -> None:
@@ -518,4 +524,4 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # keep-alive expired: close quietly, as nginx does
             return
         self.state.metrics.timeouts += 1
-        self.send_error(RelayError(408, "request head not received in time", "timeout"))
+        self._refuse(None, RelayError(408, "request head not received in time", "timeout"))

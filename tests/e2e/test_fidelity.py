@@ -241,8 +241,8 @@ def test_ending_counters_equal_the_access_lines_after_a_mix_of_endings(loop_kind
 # -- cancellation ----------------------------------------------------------------------
 def test_refusals_queue_503s_and_a_drain_cut_each_get_one_access_line_and_ending(loop_kind, access):
     """A 429 and a 413 that relay answers itself, a full queue and a queue timeout
-    (limits, all four) and a stream cut by the drain (``drain``): one access line
-    each, and the endings counter says the same."""
+    (limits, all four), a head relay cannot read (error) and a stream cut by the
+    drain (``drain``): one access line each, and the endings counter says the same."""
 
     async def upstream(reader, writer, up):
         await read_request(reader, up)
@@ -278,11 +278,13 @@ def test_refusals_queue_503s_and_a_drain_cut_each_get_one_access_line_and_ending
             assert b" 429 " in await answer(relay, request_bytes("/rpm"))
             too_big = b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n"
             assert b" 413 " in await answer(relay, too_big)
+            assert b" 400 " in await answer(relay, b"NOT HTTP AT ALL\r\n\r\n")
             assert metrics.active_exchanges == 1
         # Leaving the block closes relay with no drain time: /hold is cut.
-        await until(lambda: len(access.lines) == 5)
+        await until(lambda: len(access.lines) == 6)
         by_path = {line["path"]: (line["status"], line["ending"]) for line in access.lines}
         assert by_path == {
+            "-": (400, "error"),  # a head relay could not read, logged as nginx does
             "/queued": (503, "limit"),
             "/full": (503, "limit"),
             "/rpm": (429, "limit"),
