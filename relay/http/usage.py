@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,15 @@ READ_BYTES = 16 * 1024
 #: Bytes of a JSON body taken for one token when its usage cannot be read
 #: (English text runs at about four characters a token).
 BYTES_PER_TOKEN = 4
+#: Events at the end of a stream where its usage is looked for: the usage
+#: event, [DONE], and an empty final chunk or two may follow one another.
+LAST_EVENTS = 8
+#: Bytes at the end of a stream whose events an estimate counts (and scales).
+ESTIMATE_BYTES = 64 * 1024
+#: Largest ``usage`` object read from a JSON body's tail.
+USAGE_OBJECT_BYTES = 64 * 1024
+#: ``"usage"`` names tried in a JSON body's tail, from its end.
+USAGE_CANDIDATES = 16
 #: Chunk framing a tail may hold besides ``max_bytes`` of payload.
 _FRAMING_SLACK = 64 * 1024
 
@@ -171,14 +180,20 @@ def usage_from_json_tail(reads: Sequence[bytes], *, max_bytes: int) -> Usage:
     tail = _tail(reads, max_bytes)
     for member in _MEMBER_NAMES:
         end = len(tail)
-        while (at := tail.rfind(member, 0, end)) >= 0:
+        for _ in range(USAGE_CANDIDATES):
+            at = tail.rfind(member, 0, end)
+            if at < 0:
+                break
             end = at
-            rest = tail[at + len(member) :].lstrip(b" \t\r\n")
+            start = at + len(member)
+            rest = tail[start : start + USAGE_OBJECT_BYTES].lstrip(b" \t\r\n")
             if not rest.startswith(b":"):
                 continue  # inside a string, or a value, not a member name
+            # A cut multi-byte character at the slice's end lies past the object.
+            text = rest[1:].lstrip(b" \t\r\n").decode("utf-8", "replace")
             try:
-                value, _ = _DECODER.raw_decode(rest[1:].lstrip(b" \t\r\n").decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
+                value, _ = _DECODER.raw_decode(text)
+            except ValueError:
                 continue
             usage = _from_document({member.strip(b'"').decode(): value})
             if usage is not None:
@@ -204,21 +219,30 @@ def _tail(reads: Sequence[bytes], max_bytes: int) -> bytes:
     return joined[-max_bytes:] if taken > max_bytes else joined
 
 
-def _data_lines(tail: bytes) -> list[bytes]:
-    """The payloads of the ``data:`` lines in ``tail``, last first (the first may be cut)."""
-    found = []
+def _data_lines(tail: bytes) -> Iterator[bytes]:
+    """The payloads of the ``data:`` lines in ``tail``, last first (the first may be cut).
+
+    Lazy, and each search bounded by the line found before it: the usage is
+    usually in the last event, and a tail may be megabytes.
+    """
     end = len(tail)
     while True:
         start = tail.rfind(b"data:", 0, end)
         if start < 0:
-            return found
+            return
+        if start and tail[start - 1] not in _LINE_BREAKS:
+            end = start  # "data:" inside a line (in an event's text): not a field
+            continue
         stop = start + 5
-        line_end = min(
-            (i for i in (tail.find(b"\n", stop), tail.find(b"\r", stop)) if i >= 0),
-            default=len(tail),
-        )
-        found.append(tail[stop:line_end].strip())
+        line_end = tail.find(b"\n", stop, end)
+        if line_end < 0:
+            line_end = end
+        cr = tail.find(b"\r", stop, line_end)
+        yield tail[stop : line_end if cr < 0 else cr].strip()
         end = start
+
+
+_LINE_BREAKS = b"\r\n"
 
 
 def _carries_text(payload: bytes) -> bool:
@@ -264,16 +288,17 @@ def usage_from_stream(tail_reads: Sequence[bytes], total_bytes: int, *, max_byte
     """The usage reported at the end of an SSE stream, or an estimate marked as one.
 
     ``tail_reads`` are the last reads of the body as they came (chunk framing
-    included); ``total_bytes`` is the size of the whole body. Only the last
-    ``max_bytes`` are read.
+    included); ``total_bytes`` is the size of the whole body. The usage is
+    looked for in the last :data:`LAST_EVENTS` events of the last
+    ``max_bytes``, however big each is; an estimate counts the events of the
+    last :data:`ESTIMATE_BYTES` only, so the work at the end of a stream
+    stays small whatever the bound.
     """
     tail = _tail(tail_reads, max_bytes)
-    lines = _data_lines(tail)
     model: str | None = None
-    events = 0
-    for payload in lines:
-        if payload == b"[DONE]":
-            continue
+    for seen, payload in enumerate(_data_lines(tail)):
+        if seen == LAST_EVENTS:
+            break
         if b'"usage"' in payload or b'"meta_info"' in payload:
             try:
                 document = json.loads(payload)
@@ -285,15 +310,19 @@ def usage_from_stream(tail_reads: Sequence[bytes], total_bytes: int, *, max_byte
             if model is None and isinstance(document, dict):
                 found = document.get("model")
                 model = found if isinstance(found, str) else None
-        if _carries_text(payload):
-            events += 1
     if not total_bytes:
         return NO_USAGE
+    window = tail[-ESTIMATE_BYTES:]
+    events = lines = 0
+    for payload in _data_lines(window):
+        lines += 1
+        if payload != b"[DONE]" and _carries_text(payload):
+            events += 1
     if not lines:
-        # Not one event boundary in the tail: one event bigger than it. Its
-        # bytes are the best measure there is.
+        # Not one event boundary near the end: an event bigger than the
+        # window. Its bytes are the best measure there is.
         return Usage(0, max(1, len(tail) // BYTES_PER_TOKEN), "estimated", model)
-    # Events of one stream are of about the same size: scale the tail's count
-    # by the whole stream's bytes. Never 0 for a stream that sent something.
-    scale = max(1.0, total_bytes / max(1, len(tail)))
+    # Events of one stream are of about the same size: scale the window's
+    # count by the whole stream's bytes. Never 0 for a stream that sent something.
+    scale = max(1.0, total_bytes / max(1, len(window)))
     return Usage(0, max(1, round(events * scale)), "estimated", model)
