@@ -396,6 +396,88 @@ GateMachine.TestCase.settings = settings(
 test_gate_holds_under_any_interleaving = GateMachine.TestCase
 
 
+# -- the fair queue alone (sans-IO) -------------------------------------------
+class FairQueueMachine(RuleBasedStateMachine):
+    """Pushes, waiters that leave (removed, or dead but still queued) and pops in any
+    order: bounded, first come first served within a key, keys served in turn, and a
+    dead waiter neither served nor costing its key its turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: FairQueue[int] = FairQueue(6)
+        self.keys: dict[int, str] = {}
+        self.queued: list[int] = []  # in push order, still in the queue
+        self.dead: set[int] = set()
+        self.since: dict[str, dict[str, int]] = {}
+
+    def live(self, key: str) -> list[int]:
+        return [i for i in self.queued if self.keys[i] == key and i not in self.dead]
+
+    @rule(key=KEY)
+    def push(self, key: str) -> None:
+        item = len(self.keys)
+        self.keys[item] = key
+        if len(self.queued) >= self.queue.limit:
+            assert not self.queue.push(key, item)
+            return
+        if not self.live(key):
+            self.since[key] = {}
+        assert self.queue.push(key, item)
+        self.queued.append(item)
+
+    @rule(data=st.data())
+    def waiter_dies(self, data: st.DataObject) -> None:
+        alive = [i for i in self.queued if i not in self.dead]
+        if alive:
+            self.dead.add(data.draw(st.sampled_from(alive)))
+
+    @rule(data=st.data())
+    def waiter_removed(self, data: st.DataObject) -> None:
+        if self.queued:
+            item = data.draw(st.sampled_from(self.queued))
+            assert self.queue.remove(self.keys[item], item)
+            self.queued.remove(item)
+            assert not self.queue.remove(self.keys[item], item)
+
+    @rule()
+    def pop(self) -> None:
+        dropped: list[int] = []
+
+        def skip(item: int) -> bool:
+            if item in self.dead:
+                dropped.append(item)
+                return True
+            return False
+
+        item = self.queue.pop(skip)
+        for gone in dropped:
+            self.queued.remove(gone)
+        if item is None:
+            assert not [i for i in self.queued if i not in self.dead]
+            return
+        key = self.keys[item]
+        assert item not in self.dead and item == self.live(key)[0]  # FIFO within a key
+        self.queued.remove(item)
+        self.since[key] = {}
+        for other in {self.keys[i] for i in self.queued} - {key}:
+            if self.live(other):
+                seen = self.since.setdefault(other, {})
+                seen[key] = seen.get(key, 0) + 1
+                assert seen[key] <= 1, f"{key} served twice while {other} waited"
+
+    @invariant()
+    def bounded_and_counted(self) -> None:
+        assert len(self.queue) == len(self.queued) <= self.queue.limit
+        lengths = self.queue.lengths()
+        assert sum(lengths.values()) == len(self.queued)
+
+
+FairQueueMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None, derandomize=True
+)
+test_the_fair_queue_holds_under_any_interleaving = FairQueueMachine.TestCase
+
+
 # -- per-key concurrency and token buckets (sans-IO, times given) -------------
 class BudgetMachine(RuleBasedStateMachine):
     """Requests admitted and ended at random times against one key's limits.
