@@ -260,6 +260,16 @@ class Config:
             "reports them when a request ends; 429 beyond (0: no limit)",
         ),
     )
+    max_usage_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata=_limits(
+            flag="--max-usage-bytes",
+            kind="size",
+            help="bytes at the end of a response where its usage (a stream's final event, "
+            "a JSON body's usage member) is looked for; a usage event or body bigger than "
+            "this is charged an estimate",
+        ),
+    )
     max_inflight: int = field(
         default=0,
         metadata=_limits(

@@ -283,7 +283,10 @@ def response_head(
 
 from typing import Any
 
-from relay.http.usage import MAX_JSON_BYTES, NO_USAGE, Usage, _dechunk
+from relay.http.usage import NO_USAGE, Usage, _dechunk
+
+#: The bound the reference was written for (now ``--max-usage-bytes``).
+MAX_JSON_BYTES = 1024 * 1024
 
 
 def _count(value: Any) -> int | None:

@@ -32,20 +32,22 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from ..config import Config
 from ..http.auth import NamedKey
 from ..http.errors import RelayError
 from ..http.limits import Budget, FairQueue, KeyLimits
 from ..http.usage import (
-    MAX_JSON_BYTES,
     NO_USAGE,
-    TAIL_READS,
     Usage,
+    estimate_json,
+    reads_kept,
     usage_from_json,
+    usage_from_json_tail,
     usage_from_stream,
 )
 
 if TYPE_CHECKING:
-    from ..config import Config, UpstreamAddress
+    from ..config import UpstreamAddress
     from .metrics import Gauges, Metrics
     from .upstream import UpstreamPool
 
@@ -109,7 +111,9 @@ class Gate:
             async with asyncio.timeout(self.timeout):
                 await waiter
         except TimeoutError:
-            if not self.queue.remove(key, waiter) and waiter.done():
+            # The timeout cancels the waiter unless a slot was handed to it
+            # first; a cancelled waiter holds no slot, whoever took it out.
+            if not self.queue.remove(key, waiter) and _handed_over(waiter):
                 return None  # the slot came as the wait ran out: use it
             self.metrics.key_requests[key, "queue_timeout"] += 1
             return RelayError(
@@ -119,7 +123,7 @@ class Gate:
                 ((b"retry-after", b"1"),),
             )
         except asyncio.CancelledError:
-            if not self.queue.remove(key, waiter) and waiter.done() and not waiter.cancelled():
+            if not self.queue.remove(key, waiter) and _handed_over(waiter):
                 self.leave()  # handed a slot while leaving: pass it on
             raise
         finally:
@@ -128,11 +132,22 @@ class Gate:
 
     def leave(self) -> None:
         """Give the slot back: to the next waiter whose turn it is, or to the count."""
-        while (waiter := self.queue.pop()) is not None:
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes to it; in_flight unchanged
-                return
+        # A waiter already cancelled (timed out or its client left, its task
+        # not run yet) is dropped without costing its key the turn.
+        waiter = self.queue.pop(skip=_gone)
+        if waiter is not None:
+            waiter.set_result(None)  # the slot passes to it; in_flight unchanged
+            return
         self.in_flight -= 1
+
+
+def _handed_over(waiter: asyncio.Future[None]) -> bool:
+    """Whether :meth:`Gate.leave` gave ``waiter`` a slot: a result, not a cancellation."""
+    return waiter.done() and not waiter.cancelled()
+
+
+def _gone(waiter: asyncio.Future[None]) -> bool:
+    return waiter.done()
 
 
 class Ticket:
@@ -141,10 +156,13 @@ class Ticket:
     # One per request: slots make it smaller and its attributes cheaper to set.
     __slots__ = (
         "_chunked",
+        "_counted",
         "_gate",
         "_kind",
+        "_max_usage",
         "_reads",
         "_settled",
+        "_waiting",
         "admission",
         "budget",
         "label",
@@ -168,19 +186,30 @@ class Ticket:
         self._kind = ""  # "stream", "json" or "" (not counted)
         self._chunked = False
         self._settled: Usage | None = None
+        # relay_key_requests_total: one result per request, counted once it
+        # is known (the queue may still refuse a request the key limits let in).
+        self._counted = admission is None
+        self._waiting = False  # queued for a --max-inflight slot
+        # The default when no admission (so no configuration) comes with it.
+        self._max_usage = (
+            admission.config.max_usage_bytes if admission is not None else Config.max_usage_bytes
+        )
 
     def try_enter(self, pool: UpstreamPool) -> bool:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream without waiting, if
         none is needed or one is free; false when the caller must await :meth:`enter`."""
         gate = self.admission.gate(pool.address) if self.admission is not None else None
         if gate is self._gate:
+            self._result("admitted")
             return True
         if gate is None:
             self._leave_gate()
+            self._result("admitted")
             return True
         if gate.try_enter():
             self._leave_gate()
             self._gate = gate
+            self._result("admitted")
             return True
         return False
 
@@ -188,14 +217,29 @@ class Ticket:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream (kept on a retry there)."""
         gate = self.admission.gate(pool.address) if self.admission is not None else None
         if gate is self._gate:
+            self._result("admitted")
             return None
         self._leave_gate()
         if gate is None:
+            self._result("admitted")
             return None
-        error = await gate.enter(self.label)
+        self._waiting = True
+        try:
+            error = await gate.enter(self.label)
+        finally:
+            self._waiting = False
         if error is None:
             self._gate = gate
+            self._result("admitted")
+        else:
+            self._counted = True  # the gate counted queue_full or queue_timeout
         return error
+
+    def _result(self, result: str) -> None:
+        """Count this request's result by key, once."""
+        if not self._counted:
+            self._counted = True
+            self.metrics.key_requests[self.label, result] += 1
 
     def _leave_gate(self) -> None:
         gate, self._gate = self._gate, None
@@ -207,14 +251,18 @@ class Ticket:
     ) -> Callable[[bytes], None]:
         """The per-read hook for this response's body: where to keep a reference.
 
-        A stream keeps its last :data:`TAIL_READS` reads; a JSON body of known
-        length up to the limit keeps all of them; anything else keeps none.
+        A stream, and a JSON body of unknown length or larger than
+        ``--max-usage-bytes``, keep their last :func:`reads_kept` reads; a
+        JSON body of known length up to that bound keeps all of them;
+        anything else keeps none. Either way a count of reads (a C
+        ``deque.append`` per read), never a copy.
         """
         if not 200 <= status < 300:
             return IGNORE_READ
         media = b""
         length: int | None = None
         for name, value in headers:
+            name = name.lower()  # a handful of fields, once per response
             if name == b"content-type":
                 media = value.split(b";", 1)[0].strip().lower()
             elif name == b"content-length" and value.isdigit():
@@ -223,16 +271,14 @@ class Ticket:
                 self._chunked = True
         if media == b"text/event-stream":
             self._kind = "stream"
-            self._reads = deque(maxlen=TAIL_READS)
         elif media == b"application/json":
-            if length is not None and length > MAX_JSON_BYTES:
-                return IGNORE_READ
             self._kind = "json"
-            # Known length: all reads (at most the limit). Chunked: the last
-            # few, counted only if they turn out to be the whole body.
-            self._reads = deque(maxlen=None if length is not None else TAIL_READS)
+            if length is not None and length <= self._max_usage:
+                self._reads = deque()  # the whole body: at most the bound
+                return self._reads.append
         else:
             return IGNORE_READ
+        self._reads = deque(maxlen=reads_kept(self._max_usage))
         return self._reads.append
 
     def settle(
@@ -247,10 +293,16 @@ class Ticket:
         reads, self._reads = self._reads, None
         usage = NO_USAGE
         if reads:
+            bound = self._max_usage
             if self._kind == "stream":
-                usage = usage_from_stream(reads, bytes_out)
-            elif sum(map(len, reads)) == bytes_out:  # the whole body was kept
-                usage = usage_from_json(reads, chunked=self._chunked)
+                usage = usage_from_stream(reads, bytes_out, max_bytes=bound)
+            else:
+                if sum(map(len, reads)) == bytes_out:  # the whole body was kept
+                    usage = usage_from_json(reads, chunked=self._chunked, max_bytes=bound)
+                if usage.source == "none":
+                    usage = usage_from_json_tail(reads, max_bytes=bound)
+                if usage.source == "none":
+                    usage = estimate_json(bytes_out)
         self._settled = usage
         metrics = self.metrics
         label = self.label
@@ -262,6 +314,9 @@ class Ticket:
             metrics.tokens[label, model, "prompt"] += usage.prompt
             metrics.tokens[label, model, "completion"] += usage.completion
         metrics.usage[label, usage.source] += 1
+        # Ended while queued: the client left. Ended before any gate (relay
+        # answered itself, or the request failed first): it passed every limit.
+        self._result("queue_left" if self._waiting else "admitted")
         if self._gate is not None:
             self._leave_gate()
         if admission is not None:
@@ -324,7 +379,6 @@ class Admission:
                 return RelayError(
                     429, refusal.message, "rate_limit_exceeded", ((b"retry-after", retry),)
                 )
-        self.metrics.key_requests[label, "admitted"] += 1
         self.in_flight[label] += 1
         return Ticket(self.metrics, label, admission=self, budget=budget)
 

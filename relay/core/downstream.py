@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, cast
 import h11
 
 from ..http.errors import RelayError, error_response, protocol_error_message
+from ..http.fidelity import ending_for_status
 from ..http.headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
+from .accesslog import log_exchange
 from .exchange import Ending, Exchange, ModelListAnswer, Phase, request_plan
 from .teststream import serve_test_stream
 from .upstream import set_nodelay
@@ -262,46 +264,54 @@ class ClientConnection(asyncio.Protocol):
         if request.http_version not in (b"1.0", b"1.1"):
             # h11 reads any HTTP/d.d; relay serves HTTP/1.0 and 1.1 only, and
             # must not forward an HTTP/2.0 or 0.9 request as if it were 1.1.
-            self.send_error(RelayError(505, "only HTTP/1.0 and HTTP/1.1 are supported"))
+            self._refuse(request, RelayError(505, "only HTTP/1.0 and HTTP/1.1 are supported"))
             return
         self.http_version = request.http_version
         if head_length(raw_head) > cfg.max_header_bytes:
             # h11 bounds only heads still incomplete; one that arrived whole
             # in a single read is measured here.
-            self.send_error(
-                RelayError(431, "request head too large", "request_header_fields_too_large")
+            self._refuse(
+                request,
+                RelayError(431, "request head too large", "request_header_fields_too_large"),
             )
             return
         problem = find_head_problem(raw_head)
         if problem is not None:
-            self.send_error(RelayError(400, problem))
+            self._refuse(request, RelayError(400, problem))
             return
         fields = list(request.headers)  # (lower-case name, value), read once
         try:
             check_request_headers(fields)
         except RequestHeadProblem as exc:
-            self.send_error(RelayError(exc.status, str(exc)))
+            self._refuse(request, RelayError(exc.status, str(exc)))
             return
         if self.state.draining:
-            self.send_error(RelayError(503, "relay is shutting down", "unavailable"))
+            self._refuse(request, RelayError(503, "relay is shutting down", "unavailable"))
             return
         key = self.state.keys.match(fields) if self.checks_keys else None  # the key's name
         if self.checks_keys and key is None:
-            self.send_error(
+            self._refuse(
+                request,
                 RelayError(
                     401,
                     "missing or invalid API key",
                     "invalid_api_key",
                     ((b"www-authenticate", b"Bearer"),),
-                )
+                ),
             )
             return
         if request.method == b"CONNECT":
-            self.send_error(RelayError(405, "CONNECT is not supported", "method_not_allowed"))
+            self._refuse(request, RelayError(405, "CONNECT is not supported", "method_not_allowed"))
             return
         for name, value in fields:
-            if name == b"content-length" and int(value) > cfg.max_body_bytes:
-                self.send_error(RelayError(413, "request body too large", "request_too_large"))
+            if (
+                len(name) == 14
+                and name.lower() == b"content-length"
+                and int(value) > cfg.max_body_bytes
+            ):
+                self._refuse(
+                    request, RelayError(413, "request body too large", "request_too_large"), key
+                )
                 return
         # Per-key limits (core/admission.py): 429 before the upstream sees anything.
         # relay's own paced stream (--test-stream): behind the key check, not the limits.
@@ -309,7 +319,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ticket = self.state.admission.admit(key, self.client_host)
         if isinstance(ticket, RelayError):
-            self.send_error(ticket)
+            self._refuse(request, ticket, key)
             return
         router = self.state.router
         plan = request_plan(request, fields, cfg, router)
@@ -333,6 +343,32 @@ class ClientConnection(asyncio.Protocol):
         self._body_left = int(plan.length) if plan.length is not None else 0
         exchange.start()
 
+    def _refuse(
+        self, request: h11.Request | None, error: RelayError, key: str | None = None
+    ) -> None:
+        """Answer a request relay refuses itself, before any exchange: like every
+        request, it gets one access line and one count in the endings (method and
+        path ``-`` for a head relay could not read, as nginx logs one)."""
+        ending = ending_for_status(error.status, error.code)
+        self.state.metrics.endings[ending, "false"] += 1
+        log_exchange(
+            client=self.client_host,
+            method=b"-" if request is None else request.method,
+            target=b"-" if request is None else request.target,
+            status=error.status,
+            upstream="-",
+            requested_model=None,
+            forwarded_model=None,
+            bytes_in=0,
+            bytes_out=0,
+            head_s=None,
+            ttft_s=None,
+            total_s=time.monotonic() - self._cycle_started,
+            ending=ending,
+            key=key,
+        )
+        self.send_error(error)
+
     def _on_body(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None or exchange.phase is Phase.DONE:
@@ -355,11 +391,14 @@ class ClientConnection(asyncio.Protocol):
             exchange.abort(Ending.ERROR)
             self.close()
             return
-        if exchange is not None:
-            exchange.abort(Ending.ERROR)
         # h11's text quotes the offending line (it may hold an API key): it
         # is neither logged nor sent; a fixed message names the problem.
-        self.send_error(RelayError(status, protocol_error_message(status, str(exc))))
+        error = RelayError(status, protocol_error_message(status, str(exc)))
+        if exchange is not None:
+            exchange.abort(Ending.ERROR)  # its access line is written there
+            self.send_error(error)
+        else:
+            self._refuse(None, error)
 
     # -- called by the exchange ----------------------------------------------
     def exchange_ready_for_body(self) -> None:
@@ -446,18 +485,19 @@ class ClientConnection(asyncio.Protocol):
         self.close()
         self.transport.abort()
 
-    def _stop(self) -> None:
+    def _stop(self, ending: Ending = Ending.ERROR) -> None:
         """No more requests: deadlines off, an exchange in flight aborted."""
         self._closed = True
         self._cancel_timer()
         exchange, self.exchange = self.exchange, None
         if exchange is not None and exchange.phase is not Phase.DONE:
-            exchange.abort(Ending.ERROR)
+            exchange.abort(ending)
 
-    def close(self) -> None:
+    def close(self, ending: Ending = Ending.ERROR) -> None:
+        """Close (flushing what was written); an exchange in flight ends as ``ending``."""
         if self._closed:
             return
-        self._stop()
+        self._stop(ending)
         # close() flushes the write buffer first: what was relayed arrives. A
         # client that never reads it must not hold the socket (and its
         # --max-connections slot) forever, so the flush has a deadline.
@@ -484,4 +524,4 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # keep-alive expired: close quietly, as nginx does
             return
         self.state.metrics.timeouts += 1
-        self.send_error(RelayError(408, "request head not received in time", "timeout"))
+        self._refuse(None, RelayError(408, "request head not received in time", "timeout"))

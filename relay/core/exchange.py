@@ -134,7 +134,8 @@ class Ending(enum.Enum):
     UPSTREAM_CUT = "upstream_cut"
     TIMEOUT = "timeout"
     ERROR = "error"
-    LIMIT = "limit"  # a size or rate limit ended it (413, 429)
+    LIMIT = "limit"  # a size or rate limit, or the --max-inflight queue, ended it
+    DRAIN = "drain"  # cut when the drain timeout ran out (shutdown)
 
 
 def request_plan(
@@ -682,7 +683,7 @@ class Exchange:
             return
         self.status = error.status
         self._close_upstream()
-        self._end(Ending(ending_for_status(error.status)))
+        self._end(Ending(ending_for_status(error.status, error.code)))
         self.client.send_error(error)
 
     def abort(self, ending: Ending = Ending.CLIENT_GONE) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import Config
 from .downstream import ClientConnection
+from .exchange import Ending
 from .metrics import Metrics
 from .state import ServerState
 from .tls import describe_handshake_failure
@@ -288,7 +289,7 @@ class RelayServer:
             busy = sum(1 for conn in state.connections if conn.exchange is not None)
             log.warning("drain timeout: cutting %d streams still in flight", busy)
         for conn in list(state.connections):
-            conn.close()
+            conn.close(Ending.DRAIN)  # a stream still in flight is cut by the drain
         for task in self.health_tasks:
             task.cancel()
         state.router.close()

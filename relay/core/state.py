@@ -191,7 +191,9 @@ class ServerState:
             async with asyncio.timeout(limit):
                 await self._drain_waiter
         except TimeoutError:
-            return False
+            # Drained in the very turn the time ran out: the timeout cancelled
+            # this task, not the waiter, which holds its result. Say what is.
+            return not self.busy()
         finally:
             self._drain_waiter = None
         return True

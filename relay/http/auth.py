@@ -175,11 +175,12 @@ def parse_key_list(value: str) -> list[str | NamedKey]:
 def _presented(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
     found = []
     for name, value in headers:
-        if name == b"authorization":
+        size = len(name)  # the length first: most names are neither
+        if size == 13 and name.lower() == b"authorization":
             scheme, _, credential = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and credential.strip():
                 found.append(credential.strip())
-        elif name == b"x-api-key" and value.strip():
+        elif size == 9 and name.lower() == b"x-api-key" and value.strip():
             found.append(value.strip())
     return found
 
@@ -207,7 +208,7 @@ class KeyRing:
         self._keys = [(entry.key.encode(), entry.name) for entry in self.entries]
 
     def match(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-        """The name of the configured key ``headers`` (h11's, lower-case) carry, or None."""
+        """The name of the configured key ``headers`` carry (names in any case), or None."""
         found = None
         for credential in _presented(headers):
             for key, name in self._keys:
@@ -217,5 +218,5 @@ class KeyRing:
         return found
 
     def allows(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-        """Whether ``headers`` (h11's, lower-case names) carry a configured key."""
+        """Whether ``headers`` (names in any case) carry a configured key."""
         return self.match(headers) is not None

@@ -14,13 +14,16 @@ built-in test stream (``--test-stream``) answers.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+
+# Names as the upstream wrote them: the one case-blind reader (re-exported).
+from .headers import is_event_stream
 
 __all__ = [
     "DIGEST_ALGORITHM",
     "ENDINGS",
     "KEEPALIVE_CHUNK",
     "KEEPALIVE_COMMENT",
+    "LIMIT_CODES",
     "SelfRoute",
     "ending_for_status",
     "ends_event",
@@ -40,28 +43,26 @@ KEEPALIVE_CHUNK = b"%x\r\n%b\r\n" % (len(KEEPALIVE_COMMENT), KEEPALIVE_COMMENT)
 DIGEST_ALGORITHM = "sha256"
 
 #: Every ending kind, as the access line's ``ending`` field spells it.
-ENDINGS = ("complete", "upstream_cut", "client_gone", "timeout", "limit", "error")
+ENDINGS = ("complete", "upstream_cut", "client_gone", "timeout", "limit", "drain", "error")
+
+#: Error codes of relay's own limits answered with a status that is not one
+#: (the ``--max-inflight`` queue's 503s).
+LIMIT_CODES = frozenset({"queue_full", "queue_timeout"})
 
 
-def ending_for_status(status: int) -> str:
-    """The ending kind of an exchange relay answered with error ``status``.
+def ending_for_status(status: int, code: str = "") -> str:
+    """The ending kind of an exchange relay answered with error ``status`` (``code``).
 
-    A deadline (408, 504) is a timeout; a size or rate limit (413, 429) is a
-    limit; everything else (bad gateway, refused body) is an error.
+    A deadline (408, 504) is a timeout; a size or rate limit (413, 429, 431)
+    or a full or timed-out ``--max-inflight`` queue (503 ``queue_full``,
+    ``queue_timeout``) is a limit; everything else (bad gateway, refused
+    body) is an error.
     """
     if status in (408, 504):
         return "timeout"
-    if status in (413, 429):
+    if status in (413, 429, 431) or code in LIMIT_CODES:
         return "limit"
     return "error"
-
-
-def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether a (lower-cased, h11) header list announces ``text/event-stream``."""
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
 
 
 def ends_event(last_read: bytes, *, chunked: bool) -> bool:

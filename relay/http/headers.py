@@ -221,16 +221,17 @@ def head_length(raw_head: bytes) -> int:
 def check_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
     """Refuse framing that two parsers could read two ways (RFC 9112 §6.3).
 
-    ``headers`` are h11's normalized request headers (lower-case names).
+    ``headers`` are the request's fields (names in any case).
     Raises :class:`RequestHeadProblem`.
     """
     values = []
     saw_length = saw_encoding = False
     for name, value in headers:
         values.append(value)
-        if name == b"content-length":
+        size = len(name)  # the length first: most names are neither
+        if size == 14 and name.lower() == b"content-length":
             saw_length = True
-        elif name == b"transfer-encoding":
+        elif size == 17 and name.lower() == b"transfer-encoding":
             saw_encoding = True
     # One match over all values (HTAB, which joins them, is valid): a regex
     # call costs more than the bytes it reads. The failing field is looked for

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
@@ -69,10 +69,15 @@ class TokenBucket:
             self._at = now
         return self.level
 
-    def seconds_until(self, level: float, now: float) -> int:
-        """Whole seconds (at least 1) until the bucket holds more than ``level``."""
-        missing = level - self.refill(now)
-        return max(1, math.ceil(missing / self.rate)) if self.rate else 60
+    def seconds_until(self, level: float, now: float, *, above: bool = False) -> int:
+        """Whole seconds (at least 1) until the bucket holds ``level``, or more than
+        ``level`` when ``above``: a Retry-After after which the check passes."""
+        if not self.rate:
+            return 60
+        seconds = (level - self.refill(now)) / self.rate
+        # A whole number of seconds that only reaches the level exactly is not
+        # enough when the check wants more than it.
+        return max(1, math.floor(seconds) + 1 if above else math.ceil(seconds))
 
     def take(self, amount: float, now: float) -> None:
         """Spend ``amount`` (the level may go below zero: spent is spent)."""
@@ -122,7 +127,7 @@ class Budget:
         if tokens is not None and tokens.refill(now) <= 0:
             return Refusal(
                 "tpm",
-                tokens.seconds_until(0, now),
+                tokens.seconds_until(0, now, above=True),
                 f"tokens per minute limit reached for this key (limit {limits.tpm})",
             )
         return None
@@ -186,14 +191,26 @@ class FairQueue(Generic[T]):
             del self._by_key[key]
         return True
 
-    def pop(self) -> T | None:
-        """The next waiter: the oldest of the key whose turn it is; ``None`` if empty."""
-        for key in self._by_key:
-            waiting = self._by_key.pop(key)
+    def pop(self, skip: Callable[[T], bool] | None = None) -> T | None:
+        """The next waiter: the oldest of the key whose turn it is; ``None`` if empty.
+
+        Items for which ``skip`` is true (waiters that left but are still
+        queued) are dropped on the way, and their key keeps its turn: only a
+        waiter that is served sends its key to the back of the rotation.
+        """
+        by_key = self._by_key
+        while by_key:
+            key = next(iter(by_key))
+            waiting = by_key[key]
             item = waiting.popleft()
             self._length -= 1
+            if skip is not None and skip(item):
+                if not waiting:
+                    del by_key[key]
+                continue
+            del by_key[key]
             if waiting:
-                self._by_key[key] = waiting  # back of the rotation
+                by_key[key] = waiting  # back of the rotation
             return item
         return None
 

@@ -30,6 +30,10 @@ class RequestPlan:
     route_by_body: bool  # the upstream is chosen by the body's model
 
 
+#: Lengths of the names read: content-length, transfer-encoding, connection.
+_READ_NAME_SIZES = frozenset((14, 17, 10))
+
+
 def plan_request(
     method: bytes,
     path: bytes,
@@ -40,7 +44,7 @@ def plan_request(
     routes_by_model: bool,
     knows_more_models: bool,
 ) -> RequestPlan:
-    """Decide, for a request head h11 accepted (``fields``: lower-case names).
+    """Decide, for a request head h11 accepted (``fields``: names in any case).
 
     ``rewrites_models``: aliases or ``--model`` are configured; ``pins_model``:
     ``--model``; ``routes_by_model``: ``--route``; ``knows_more_models``: relay
@@ -54,6 +58,10 @@ def plan_request(
     expects_body = chunked = client_closes = False
     length: bytes | None = None
     for name, value in fields:
+        size = len(name)  # the length first: most names are none of these
+        if size not in _READ_NAME_SIZES:
+            continue
+        name = name.lower()
         if name == b"content-length":
             length = value
             expects_body = value != b"0"

@@ -1,47 +1,75 @@
 """Sans-IO usage accounting: the tokens an upstream reports, read after the fact.
 
 relay never parses a response as it streams. The exchange keeps references
-to the last few reads it already forwarded (no copy); when the exchange
-ends, these functions read the usage from them, once:
+to the last reads it already forwarded (no copy, a bounded count); when the
+exchange ends, these functions read the usage from them, once, looking at
+most at the last ``max_bytes`` (``--max-usage-bytes``):
 
 * a non-streaming JSON response (OpenAI ``usage``, or SGLang's native
-  ``meta_info``) is parsed whole when relay held all of it, which it does up
-  to :data:`MAX_JSON_BYTES`; a larger body is not counted (``none``);
+  ``meta_info``) is parsed whole when relay held all of it; otherwise its
+  tail is searched for the ``usage``/``meta_info`` object, which OpenAI and
+  SGLang write last (:func:`usage_from_json_tail`);
 * a stream (``text/event-stream``) reports its usage in its last event with
   a ``usage`` (SGLang sends one when the request asks for
   ``stream_options.include_usage``; its ``/generate`` stream carries
-  ``meta_info`` in every event). Only the last :data:`TAIL_BYTES` are read.
-  A stream without one gets an *estimate*: its completion tokens are its
-  ``data:`` events, counted in the tail and scaled by the bytes of the whole
-  stream (events of one stream are of similar size); prompt tokens are
-  unknown (0). The result is marked ``estimated``.
+  ``meta_info`` in every event).
+* Without a readable usage, a non-empty response gets an *estimate*, never
+  0: a stream's events that carry generated text, counted in the tail and
+  scaled by the bytes of the whole stream (events of one stream are of
+  similar size); a JSON body's bytes / :data:`BYTES_PER_TOKEN`. Prompt
+  tokens are unknown (0). The result is marked ``estimated``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .framing import ChunkedFramer, FramingError
 
 __all__ = [
-    "MAX_JSON_BYTES",
-    "TAIL_BYTES",
+    "BYTES_PER_TOKEN",
     "TAIL_READS",
     "Usage",
+    "estimate_json",
+    "reads_kept",
     "usage_from_json",
+    "usage_from_json_tail",
     "usage_from_stream",
 ]
 
-#: Largest non-streaming JSON body whose usage is read (a bigger one is not counted).
-MAX_JSON_BYTES = 1024 * 1024
-#: The bytes at the end of a stream where its usage is looked for.
-TAIL_BYTES = 64 * 1024
-#: Reads of a stream kept (by reference) for that: the usage event, [DONE]
-#: and the last chunk are often separate reads.
+#: Fewest reads kept (by reference): the usage event, [DONE] and the last
+#: chunk are often separate reads.
 TAIL_READS = 8
+#: Average bytes a read is assumed to carry when the count of reads kept is
+#: derived from ``--max-usage-bytes``: a big final event comes in big reads.
+READ_BYTES = 16 * 1024
+#: Bytes of a JSON body taken for one token when its usage cannot be read
+#: (English text runs at about four characters a token).
+BYTES_PER_TOKEN = 4
+#: Events at the end of a stream where its usage is looked for: the usage
+#: event, [DONE], and an empty final chunk or two may follow one another.
+LAST_EVENTS = 8
+#: Bytes at the end of a stream whose events an estimate counts (and scales).
+ESTIMATE_BYTES = 64 * 1024
+#: Largest ``usage`` object read from a JSON body's tail.
+USAGE_OBJECT_BYTES = 64 * 1024
+#: ``"usage"`` names tried in a JSON body's tail, from its end.
+USAGE_CANDIDATES = 16
+#: Chunk framing a tail may hold besides ``max_bytes`` of payload.
+_FRAMING_SLACK = 64 * 1024
+
+
+def reads_kept(max_bytes: int) -> int:
+    """How many reads a response keeps (references) to find ``max_bytes`` of usage in.
+
+    A count, not bytes, so that keeping one is a C ``deque.append`` per read;
+    the bytes held are at most this many reads.
+    """
+    return max(TAIL_READS, max_bytes // READ_BYTES)
 
 
 @dataclass(frozen=True)
@@ -122,14 +150,14 @@ def _dechunk(data: bytes) -> bytes | None:
     return b"".join(framer.payload) if framer.complete else None
 
 
-def usage_from_json(reads: Sequence[bytes], *, chunked: bool) -> Usage:
+def usage_from_json(reads: Sequence[bytes], *, chunked: bool, max_bytes: int) -> Usage:
     """The usage of a whole non-streaming body, given as the reads that carried it."""
-    if sum(map(len, reads)) > MAX_JSON_BYTES + 64 * 1024:
+    if sum(map(len, reads)) > max_bytes + _FRAMING_SLACK:
         return NO_USAGE
     body: bytes | None = b"".join(reads)
     if chunked:
         body = _dechunk(body)
-    if body is None or len(body) > MAX_JSON_BYTES:
+    if body is None or len(body) > max_bytes:
         return NO_USAGE
     try:
         document = _loads(body)
@@ -138,52 +166,163 @@ def usage_from_json(reads: Sequence[bytes], *, chunked: bool) -> Usage:
     return _from_document(document) or NO_USAGE
 
 
-def _data_lines(tail: bytes) -> list[bytes]:
-    """The payloads of the ``data:`` lines in ``tail``, last first (the first may be cut)."""
-    found = []
+_MEMBER_NAMES = (b'"usage"', b'"meta_info"')
+
+
+def usage_from_json_tail(reads: Sequence[bytes], *, max_bytes: int) -> Usage:
+    """The usage object near the end of a JSON body relay did not hold whole.
+
+    OpenAI and SGLang write ``usage`` (``meta_info``) as the last member, so
+    the last ``max_bytes`` hold it whatever the size of the body. The object
+    is decoded on its own; chunk framing inside it makes it unreadable (then
+    ``none``).
+    """
+    tail = _tail(reads, max_bytes)
+    for member in _MEMBER_NAMES:
+        end = len(tail)
+        for _ in range(USAGE_CANDIDATES):
+            at = tail.rfind(member, 0, end)
+            if at < 0:
+                break
+            end = at
+            start = at + len(member)
+            rest = tail[start : start + USAGE_OBJECT_BYTES].lstrip(b" \t\r\n")
+            if not rest.startswith(b":"):
+                continue  # inside a string, or a value, not a member name
+            # A cut multi-byte character at the slice's end lies past the object.
+            text = rest[1:].lstrip(b" \t\r\n").decode("utf-8", "replace")
+            try:
+                value, _ = _DECODER.raw_decode(text)
+            except ValueError:
+                continue
+            usage = _from_document({member.strip(b'"').decode(): value})
+            if usage is not None:
+                return usage
+    return NO_USAGE
+
+
+def estimate_json(total_bytes: int) -> Usage:
+    """An estimate for a non-empty JSON body whose usage relay could not read."""
+    if not total_bytes:
+        return NO_USAGE
+    return Usage(0, max(1, total_bytes // BYTES_PER_TOKEN), "estimated")
+
+
+def _tail(reads: Sequence[bytes], max_bytes: int) -> bytes:
+    """The last ``max_bytes`` of ``reads``, joining only the reads needed for them."""
+    taken = 0
+    first = len(reads)
+    while first > 0 and taken < max_bytes:
+        first -= 1
+        taken += len(reads[first])
+    joined = b"".join(itertools.islice(reads, first, None))
+    return joined[-max_bytes:] if taken > max_bytes else joined
+
+
+def _data_lines(tail: bytes) -> Iterator[bytes]:
+    """The payloads of the ``data:`` lines in ``tail``, last first (the first may be cut).
+
+    Lazy, and each search bounded by the line found before it: the usage is
+    usually in the last event, and a tail may be megabytes.
+    """
     end = len(tail)
     while True:
         start = tail.rfind(b"data:", 0, end)
         if start < 0:
-            return found
+            return
+        if start and tail[start - 1] not in _LINE_BREAKS:
+            end = start  # "data:" inside a line (in an event's text): not a field
+            continue
         stop = start + 5
-        line_end = min(
-            (i for i in (tail.find(b"\n", stop), tail.find(b"\r", stop)) if i >= 0),
-            default=len(tail),
-        )
-        found.append(tail[stop:line_end].strip())
+        line_end = tail.find(b"\n", stop, end)
+        if line_end < 0:
+            line_end = end
+        cr = tail.find(b"\r", stop, line_end)
+        yield tail[stop : line_end if cr < 0 else cr].strip()
         end = start
 
 
-def usage_from_stream(tail_reads: Sequence[bytes], total_bytes: int) -> Usage:
+_LINE_BREAKS = b"\r\n"
+
+
+def _carries_text(payload: bytes) -> bool:
+    """Whether one ``data:`` event carries generated text (an estimate counts it).
+
+    Most events do, and are counted from their bytes alone; only one that may
+    not (an empty string, an empty list, a ``finish_reason``: the role chunk,
+    the final chunk, a usage chunk) is decoded.
+    """
+    if (
+        b'""' not in payload
+        and b"[]" not in payload
+        and (
+            b'"finish_reason"' not in payload
+            or b'"finish_reason": null' in payload
+            or b'"finish_reason":null' in payload
+        )
+    ):
+        return True
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return False  # cut by the tail's start or a chunk boundary
+    if not isinstance(document, dict):
+        return False
+    choices = document.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and any(
+                delta.get(name) for name in ("content", "reasoning_content", "tool_calls")
+            ):
+                return True
+            if choice.get("text"):
+                return True
+        return False
+    return bool(document.get("text"))
+
+
+def usage_from_stream(tail_reads: Sequence[bytes], total_bytes: int, *, max_bytes: int) -> Usage:
     """The usage reported at the end of an SSE stream, or an estimate marked as one.
 
     ``tail_reads`` are the last reads of the body as they came (chunk framing
-    included); ``total_bytes`` is the size of the whole body.
+    included); ``total_bytes`` is the size of the whole body. The usage is
+    looked for in the last :data:`LAST_EVENTS` events of the last
+    ``max_bytes``, however big each is; an estimate counts the events of the
+    last :data:`ESTIMATE_BYTES` only, so the work at the end of a stream
+    stays small whatever the bound.
     """
-    tail = b"".join(tail_reads)[-TAIL_BYTES:]
-    lines = _data_lines(tail)
+    tail = _tail(tail_reads, max_bytes)
     model: str | None = None
-    events = 0
-    for payload in lines:
-        if payload == b"[DONE]":
-            continue
-        events += 1
-        if b'"usage"' not in payload and b'"meta_info"' not in payload:
-            continue
-        try:
-            document = json.loads(payload)
-        except ValueError:
-            continue  # cut by the tail's start or a chunk boundary
-        usage = _from_document(document)
-        if usage is not None:
-            return usage
-        if model is None and isinstance(document, dict):
-            found = document.get("model")
-            model = found if isinstance(found, str) else None
-    if not events:
-        return NO_USAGE if not total_bytes else Usage(0, 0, "estimated", model)
-    # Events of one stream are of about the same size: scale the tail's count
-    # by the whole stream's bytes.
-    scale = max(1.0, total_bytes / max(1, len(tail)))
-    return Usage(0, round(events * scale), "estimated", model)
+    for seen, payload in enumerate(_data_lines(tail)):
+        if seen == LAST_EVENTS:
+            break
+        if b'"usage"' in payload or b'"meta_info"' in payload:
+            try:
+                document = json.loads(payload)
+            except ValueError:
+                document = None  # cut by the tail's start or a chunk boundary
+            usage = _from_document(document)
+            if usage is not None:
+                return usage
+            if model is None and isinstance(document, dict):
+                found = document.get("model")
+                model = found if isinstance(found, str) else None
+    if not total_bytes:
+        return NO_USAGE
+    window = tail[-ESTIMATE_BYTES:]
+    events = lines = 0
+    for payload in _data_lines(window):
+        lines += 1
+        if payload != b"[DONE]" and _carries_text(payload):
+            events += 1
+    if not lines:
+        # Not one event boundary near the end: an event bigger than the
+        # window. Its bytes are the best measure there is.
+        return Usage(0, max(1, len(tail) // BYTES_PER_TOKEN), "estimated", model)
+    # Events of one stream are of about the same size: scale the window's
+    # count by the whole stream's bytes. Never 0 for a stream that sent something.
+    scale = max(1.0, total_bytes / max(1, len(window)))
+    return Usage(0, max(1, round(events * scale)), "estimated", model)

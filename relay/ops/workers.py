@@ -391,7 +391,13 @@ class Supervisor:
         try:
             async with asyncio.timeout(timeout):
                 return await future
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
+            # The answer came in the turn the time ran out: the timeout then
+            # cancelled this task, not the future, which holds the answer.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                return future.result()
+            return None
+        except ConnectionError:
             return None
         finally:
             worker.waiting.pop(ident, None)

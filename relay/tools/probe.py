@@ -175,7 +175,7 @@ def request_headers(
 
 
 def _decoder_for(response: h11.Response) -> ContentDecoder:
-    codings = b", ".join(v for k, v in response.headers if k == b"content-encoding")
+    codings = b", ".join(v for k, v in response.headers if k.lower() == b"content-encoding")
     try:
         return ContentDecoder(codings.decode("latin-1"))
     except ContentDecodingError as exc:
@@ -281,7 +281,9 @@ async def _stream(
         if response.status_code != 200:
             body = await _read_body(conn, reader, decoder)
             raise ProbeError(_error_message(response.status_code, body))
-        content_type = dict(response.headers).get(b"content-type", b"").decode("latin-1")
+        content_type = next(
+            (v for k, v in response.headers if k.lower() == b"content-type"), b""
+        ).decode("latin-1")
         if not content_type.startswith("text/event-stream"):
             raise ProbeError(f"not an event stream (content-type {content_type or 'missing'})")
         parser = SSEParser()

@@ -239,6 +239,67 @@ def test_ending_counters_equal_the_access_lines_after_a_mix_of_endings(loop_kind
 
 
 # -- cancellation ----------------------------------------------------------------------
+def test_refusals_queue_503s_and_a_drain_cut_each_get_one_access_line_and_ending(loop_kind, access):
+    """A 429 and a 413 that relay answers itself, a full queue and a queue timeout
+    (limits, all four), a head relay cannot read (error) and a stream cut by the
+    drain (``drain``): one access line each, and the endings counter says the same."""
+
+    async def upstream(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(CHUNKED_HEAD + sse_chunk("a"))  # then holds the only slot
+        await writer.drain()
+        await reader.read()
+
+    async def answer(relay, raw: bytes) -> bytes:
+        reader, writer = await connect(relay)
+        writer.write(raw)
+        data = await asyncio.wait_for(read_to_eof(reader), WAIT)
+        writer.close()
+        return data
+
+    async def main():
+        limits = {
+            "max_body_bytes": 1024,
+            "key_rpm": 3,  # per client address: a burst of 3, then 429
+            "max_inflight": 1,
+            "queue_size": 1,
+            "queue_timeout": 0.5,
+        }
+        async with setup(upstream, **limits) as (_, relay):
+            metrics = relay.state.metrics
+            held_reader, held = await connect(relay)
+            held.write(request_bytes("/hold"))
+            await asyncio.wait_for(held_reader.readuntil(b"data: a\n\n"), WAIT)
+            queued = asyncio.ensure_future(answer(relay, request_bytes("/queued")))
+            gates = relay.state.admission._gates.values()
+            await until(lambda: sum(len(g.queue) for g in gates) == 1)
+            assert b" 503 " in await answer(relay, request_bytes("/full"))
+            assert b"queue_timeout" in await queued
+            assert b" 429 " in await answer(relay, request_bytes("/rpm"))
+            too_big = b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n"
+            assert b" 413 " in await answer(relay, too_big)
+            assert b" 400 " in await answer(relay, b"NOT HTTP AT ALL\r\n\r\n")
+            assert metrics.active_exchanges == 1
+        # Leaving the block closes relay with no drain time: /hold is cut.
+        await until(lambda: len(access.lines) == 6)
+        by_path = {line["path"]: (line["status"], line["ending"]) for line in access.lines}
+        assert by_path == {
+            "-": (400, "error"),  # a head relay could not read, logged as nginx does
+            "/queued": (503, "limit"),
+            "/full": (503, "limit"),
+            "/rpm": (429, "limit"),
+            "/big": (413, "limit"),
+            "/hold": (200, "drain"),
+        }
+        counted = collections.Counter()
+        for (ending, _stream), n in metrics.endings.items():
+            counted[ending] += n
+        assert +counted == collections.Counter(line["ending"] for line in access.lines)
+        assert metrics.endings["drain", "true"] == 1
+
+    run(loop_kind, main)
+
+
 def test_a_departed_client_is_timed_and_the_upstream_bytes_dropped_are_counted(loop_kind, access):
     """When a client that stopped reading leaves, relay closes its upstream at once,
     records how long that took and how many bytes the upstream had sent unread."""
@@ -378,6 +439,52 @@ def test_no_keepalive_for_a_response_that_is_not_a_200_event_stream(loop_kind, h
             _, body = split_response(await read_to_eof(reader))
             assert dechunk(body) == [b"{}\n"]
             assert relay.state.metrics.sse_keepalives == 0
+
+    run(loop_kind, main)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "transfer_encoding"),
+    [
+        (b"content-type", b"transfer-encoding"),
+        (b"CONTENT-TYPE", b"TRANSFER-ENCODING"),
+        (b"Content-Type", b"Transfer-Encoding"),
+    ],
+    ids=["lower", "upper", "mixed"],
+)
+def test_an_event_stream_is_known_whatever_case_the_upstream_writes_its_fields_in(
+    loop_kind, access, content_type, transfer_encoding
+):
+    """Go's net/http, llama.cpp and nginx write ``Content-Type``: the stream still gets
+    keep-alive comments, the ``stream="true"`` ending and its usage read."""
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    head = b"HTTP/1.1 200 OK\r\n%b: text/event-stream\r\n%b: chunked\r\n\r\n" % (
+        content_type,
+        transfer_encoding,
+    )
+
+    async def upstream(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(head + b"%x\r\n%b\r\n" % (len(usage), usage))
+        await writer.drain()
+        await asyncio.sleep(0.45)  # silent: keep-alives due
+        writer.write(LAST_CHUNK)
+
+    async def main():
+        async with setup(upstream, sse_keepalive=0.1) as (_, relay):
+            reader, writer = await connect(relay)
+            writer.write(request_bytes(extra=b"Connection: close\r\n"))
+            _, body = split_response(await read_to_eof(reader))
+            assert KEEPALIVE_COMMENT in dechunk(body)
+            await until(lambda: relay.state.metrics.active_exchanges == 0)
+            line = access.lines[-1]
+            assert line["keepalives"] >= 1
+            assert (line["usage"], line["prompt_tokens"], line["completion_tokens"]) == (
+                "reported",
+                3,
+                2,
+            )
+            assert relay.state.metrics.endings[("complete", "true")] == 1
 
     run(loop_kind, main)
 

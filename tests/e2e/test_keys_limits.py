@@ -234,6 +234,12 @@ def test_a_full_queue_and_a_wait_that_runs_out_get_503(sglang):
         eventually(lambda: nothing_held(relay))
         text = relay.call(lambda: relay.server.state.metrics.render())  # type: ignore[union-attr]
         assert 'relay_key_requests_total{key="team-b",result="queue_full"} 1' in text
+        # One result per request, and they add up: the two refused by the queue
+        # are not also counted as admitted.
+        results = relay.metrics().key_requests
+        assert results["team-b", "queue_full"] == results["team-b", "queue_timeout"] == 1
+        assert results["team-b", "admitted"] == 0
+        assert results["team-a", "admitted"] == 1
 
 
 def test_usage_is_counted_for_streams_with_and_without_usage_and_for_json(sglang, caplog):
@@ -253,14 +259,18 @@ def test_usage_is_counted_for_streams_with_and_without_usage_and_for_json(sglang
         tokens = relay.metrics().tokens
         usage_by_source = relay.metrics().usage
     assert tokens["team-a", "other", "prompt"] == 3
-    assert 5 + 5 <= tokens["team-a", "other", "completion"] <= 5 + 9
+    # The estimate counts the 6 events that carry text: not the final chunk
+    # (finish_reason, empty delta) nor [DONE].
+    assert tokens["team-a", "other", "completion"] == 5 + 6
     assert tokens["team-b", "other", "prompt"] == 3
     assert tokens["team-b", "other", "completion"] == 7
     assert usage_by_source["team-a", "reported"] == 1
     assert usage_by_source["team-a", "estimated"] == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
     assert any("key=team-b" in x and "prompt_tokens=3 completion_tokens=7" in x for x in lines)
-    assert any("key=team-a" in x and "usage=estimated" in x for x in lines)
+    assert any("key=team-a" in x and "completion_tokens=6 usage=estimated" in x for x in lines), (
+        lines
+    )
     assert not any("sk-team" in x for x in lines)
 
 
@@ -340,3 +350,42 @@ def test_nothing_leaks_when_streams_are_cut_either_side(sglang):
         eventually(lambda: nothing_held(relay))
         assert relay.metrics().usage["team-a", "estimated"] == 2
         client(relay).chat.completions.create(**CHAT, max_tokens=1)
+
+
+def test_a_final_usage_event_far_bigger_than_64_kib_is_charged_to_the_token_budget(loop_kind):
+    """SGLang's /generate repeats the whole text in every event, so a long generation
+    ends with an event of hundreds of KiB: its usage is read and debited (--key-tpm
+    1000, 20 200 tokens), and the next request waits for the budget (429)."""
+    from harness import CHUNKED_HEAD, read_request, request_bytes, run, setup
+
+    from relay.http.framing import LAST_CHUNK, encode_chunk
+
+    meta = {"prompt_tokens": 200, "completion_tokens": 20000}
+    events = [f"data: {json.dumps({'text': 'x' * n, 'meta_info': meta})}\n\n" for n in (1, 2)]
+    final = {"text": "word " * 80_000, "meta_info": meta}  # ~400 KiB
+    events += [f"data: {json.dumps(final)}\n\n", "data: [DONE]\n\n"]
+    body = b"".join(encode_chunk(e.encode()) for e in events) + LAST_CHUNK
+
+    async def upstream(reader, writer, up):
+        while True:
+            await read_request(reader, up)
+            writer.write(CHUNKED_HEAD + body)
+            await writer.drain()
+
+    async def exchange(relay) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(request_bytes("/generate", extra=b"Connection: close\r\n"))
+        data = await asyncio.wait_for(reader.read(), LIMIT)  # to EOF (Connection: close)
+        writer.close()
+        return data
+
+    async def main():
+        async with setup(upstream, key_tpm=1000) as (_, relay):
+            first = await exchange(relay)
+            assert first.startswith(b"HTTP/1.1 200") and first.endswith(LAST_CHUNK)
+            metrics = relay.state.metrics
+            assert metrics.tokens["anonymous", "other", "completion"] == 20000
+            assert metrics.usage["anonymous", "reported"] == 1
+            assert (await exchange(relay)).startswith(b"HTTP/1.1 429")
+
+    run(loop_kind, main)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from relay.config import Config
+from relay.core.admission import Ticket
 from relay.core.metrics import Metrics
 from relay.http.auth import (
     KeyFileError,
@@ -19,7 +21,13 @@ from relay.http.auth import (
     parse_named_keys,
 )
 from relay.http.limits import Budget, FairQueue, KeyLimits
-from relay.http.usage import MAX_JSON_BYTES, usage_from_json, usage_from_stream
+from relay.http.usage import (
+    usage_from_json,
+    usage_from_json_tail,
+    usage_from_stream,
+)
+
+BOUND = Config.max_usage_bytes
 
 SECRET = "sk-SECRET-abc123"
 
@@ -142,13 +150,15 @@ def test_requests_per_minute_refill_evenly_and_say_when_to_retry():
 
 
 def test_tokens_per_minute_are_debited_at_the_end_and_may_go_below_zero():
-    """tpm=600 (10/s): a request using 700 leaves -100, so the next waits 10 s."""
+    """tpm=600 (10/s): a request using 700 leaves -100; the bucket is at zero after
+    10 s and above it (a request may go) after 11, the Retry-After given."""
     budget = Budget(KeyLimits(tpm=600), now=0.0)
     assert budget.admit(0.0) is None
     budget.release(700, 0.0)
     refusal = budget.admit(0.0)
-    assert refusal is not None and refusal.limit == "tpm" and refusal.retry_after == 10
-    assert budget.admit(10.5) is None
+    assert refusal is not None and refusal.limit == "tpm" and refusal.retry_after == 11
+    assert budget.check(10.0) is not None
+    assert budget.admit(11.0) is None
 
 
 def test_key_limits_fall_back_to_the_defaults_and_zero_means_none():
@@ -212,7 +222,7 @@ def stream_body(n: int, *, usage: bool, chunked: bool) -> list[bytes]:
 def test_a_streams_final_usage_event_is_read_from_its_last_reads(chunked):
     reads = stream_body(40, usage=True, chunked=chunked)
     total = sum(map(len, reads))
-    usage = usage_from_stream(reads[-8:], total)
+    usage = usage_from_stream(reads[-8:], total, max_bytes=BOUND)
     assert (usage.prompt, usage.completion, usage.source, usage.model) == (12, 34, "reported", "m")
 
 
@@ -220,33 +230,123 @@ def test_the_usage_is_found_whatever_way_the_tail_is_split_into_reads():
     """At every split point of the last bytes, the usage event is still read."""
     body = b"".join(stream_body(3, usage=True, chunked=True))
     for cut in range(1, len(body)):
-        usage = usage_from_stream([body[:cut], body[cut:]], len(body))
+        usage = usage_from_stream([body[:cut], body[cut:]], len(body), max_bytes=BOUND)
         assert usage.source == "reported" and usage.total == 46, cut
 
 
 def test_a_stream_without_usage_gets_an_estimate_marked_as_such():
     """40 token events (+ [DONE]), of which only the last 8 reads were kept: about 40."""
     reads = stream_body(40, usage=False, chunked=True)
-    usage = usage_from_stream(reads[-8:], sum(map(len, reads)))
+    usage = usage_from_stream(reads[-8:], sum(map(len, reads)), max_bytes=BOUND)
     assert usage.source == "estimated" and usage.prompt == 0
     assert 36 <= usage.completion <= 44
 
 
 def test_sglang_generate_meta_info_counts_as_reported():
     event = sse({"text": "abc", "meta_info": {"prompt_tokens": 5, "completion_tokens": 3}})
-    usage = usage_from_stream([event, b"data: [DONE]\n\n"], 100)
+    usage = usage_from_stream([event, b"data: [DONE]\n\n"], 100, max_bytes=BOUND)
     assert (usage.prompt, usage.completion, usage.source) == (5, 3, "reported")
 
 
 @pytest.mark.parametrize("chunked", [True, False])
-def test_a_json_body_is_read_whole_and_a_too_big_one_is_not_counted(chunked):
+def test_a_json_body_is_read_whole_and_a_too_big_one_from_its_tail(chunked):
     body = json.dumps({"model": "m", "choices": [], "usage": USAGE}).encode()
     raw = chunk(body) + b"0\r\n\r\n" if chunked else body
     reads = [raw[:7], raw[7:]]
-    assert usage_from_json(reads, chunked=chunked).total == 46
-    big = json.dumps({"pad": "x" * MAX_JSON_BYTES, "usage": USAGE}).encode()
-    assert usage_from_json([big], chunked=False).source == "none"
-    assert usage_from_json([b"\x1f\x8b compressed"], chunked=False).source == "none"
+    assert usage_from_json(reads, chunked=chunked, max_bytes=BOUND).total == 46
+    big = json.dumps({"pad": "x" * (2 * BOUND), "usage": USAGE}).encode()
+    assert usage_from_json([big], chunked=False, max_bytes=BOUND).source == "none"
+    pieces = [big[i : i + 65536] for i in range(0, len(big), 65536)]
+    tail = usage_from_json_tail(pieces[-64:], max_bytes=BOUND)
+    assert (tail.prompt, tail.completion, tail.source) == (12, 34, "reported")
+
+
+def logprobs_stream(size: int, reads_of: int) -> list[bytes]:
+    """An SGLang-style stream whose final event (usage with logprobs) is ``size`` bytes,
+    cut into reads of ``reads_of`` bytes, as a socket delivers it."""
+    final = dict(FINAL, logprobs="x" * size)
+    body = b"".join([*(sse(TOKEN) for _ in range(20)), sse(final), b"data: [DONE]\n\n"])
+    return [body[i : i + reads_of] for i in range(0, len(body), reads_of)]
+
+
+def kept_by_a_ticket(reads: list[bytes], head: list[tuple[bytes, bytes]]) -> Ticket:
+    ticket = Ticket(Metrics())
+    keep = ticket.response_started(200, head)
+    for read in reads:
+        keep(read)
+    return ticket
+
+
+SSE_HEAD = [(b"content-type", b"text/event-stream")]
+
+
+@pytest.mark.parametrize("size", [100 * 1024, 1024 * 1024, 3 * 1024 * 1024])
+def test_a_final_usage_event_far_bigger_than_64_kib_is_read(size):
+    """A stream's final event of up to --max-usage-bytes is read from the reads kept,
+    in reads as big as a socket delivers a big write in."""
+    reads = logprobs_stream(size, 16 * 1024)
+    ticket = kept_by_a_ticket(reads, SSE_HEAD)
+    usage = ticket.settle(sum(map(len, reads)), None, None)
+    assert (usage.prompt, usage.completion, usage.source) == (12, 34, "reported")
+
+
+def test_a_usage_event_bigger_than_the_bound_is_charged_an_estimate_never_zero():
+    reads = logprobs_stream(BOUND + 1024, 64 * 1024)
+    ticket = kept_by_a_ticket(reads, SSE_HEAD)
+    usage = ticket.settle(sum(map(len, reads)), None, None)
+    assert usage.source == "estimated" and usage.completion > 0
+
+
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "chunked"])
+def test_a_json_body_bigger_than_the_bound_is_charged_from_its_tail(length):
+    body = json.dumps({"model": "m", "choices": [{"logprobs": "x" * (2 * BOUND)}], "usage": USAGE})
+    raw = body.encode()
+    if length:
+        head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(raw))]
+    else:
+        head = [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")]
+    reads = [raw[i : i + 65536] for i in range(0, len(raw), 65536)]
+    if not length:
+        reads = [chunk(r) for r in reads] + [b"0\r\n\r\n"]
+    ticket = kept_by_a_ticket(reads, head)
+    usage = ticket.settle(sum(map(len, reads)), None, None)
+    assert (usage.prompt, usage.completion, usage.source) == (12, 34, "reported")
+
+
+def test_a_json_body_whose_usage_cannot_be_read_is_charged_an_estimate_never_zero():
+    raw = b"\x1f\x8b" + bytes(range(256)) * 8  # compressed (gzip)
+    head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(raw))]
+    usage = kept_by_a_ticket([raw], head).settle(len(raw), None, None)
+    assert usage.source == "estimated" and usage.completion >= 1
+
+
+def chat_stream_like_sglang(tokens: int) -> list[bytes]:
+    """The role chunk (empty content), one chunk a token, the final chunk with
+    ``finish_reason`` and an empty delta, [DONE]: what SGLang and OpenAI send."""
+
+    def event(delta: dict[str, str], finish: str | None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return sse({"id": "c", "object": "chat.completion.chunk", "choices": [choice]})
+
+    events = [event({"role": "assistant", "content": ""}, None)]
+    events += [event({"content": f" t{i}"}, None) for i in range(tokens)]
+    events += [event({}, "stop"), b"data: [DONE]\n\n"]
+    return events
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 7])
+def test_an_estimate_counts_only_the_events_that_carry_text(tokens):
+    """Neither the role chunk, the final chunk, a usage-less usage chunk nor [DONE]."""
+    reads = chat_stream_like_sglang(tokens)
+    usage = usage_from_stream(reads, sum(map(len, reads)), max_bytes=BOUND)
+    assert (usage.completion, usage.source) == (tokens, "estimated")
+    completions = [
+        sse({"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]})
+        for i in range(tokens)
+    ]
+    completions.append(sse({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}))
+    usage = usage_from_stream(completions, sum(map(len, completions)), max_bytes=BOUND)
+    assert usage.completion == tokens
 
 
 def test_labelled_counters_survive_a_workers_snapshot():
