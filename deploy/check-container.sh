@@ -12,7 +12,7 @@
 # The python:3.11-slim base is replaced by a local stand-in built with
 # debootstrap (Debian bookworm's python3 is 3.11). The host's CA bundle is
 # copied into the stand-in so pip works behind a TLS-intercepting proxy. The
-# stand-in's root file system is cached for the day in $RELAY_CHECK_CACHE
+# stand-in's root file system is cached for the day in $CHECK_CONTAINER_CACHE
 # (default /var/cache/relay-check; set it empty to cache nothing), so only
 # the first check of a day downloads Debian.
 # Where `podman run` works the image runs as a container; where it does not
@@ -29,7 +29,7 @@ if [[ ${1:-} == --keep ]]; then keep=yes; fi
 image=localhost/relay:check-$$
 base=localhost/relay-base:check-$$
 netns=relay-check-$$
-cache=${RELAY_CHECK_CACHE-/var/cache/relay-check}
+cache=${CHECK_CONTAINER_CACHE-/var/cache/relay-check}
 work=$(mktemp -d)
 pids=()
 mounted=no

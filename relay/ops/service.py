@@ -36,11 +36,13 @@ def admin_protocol(state: ServerState) -> asyncio.Protocol:
     return AdminConnection(StateSource(state))
 
 
-def preflight(config: Config) -> None:
-    """Load every file the config names, and try the admin port, so that a bad
-    one fails at start with its flag."""
+def preflight(config: Config, *, bind: bool = True) -> None:
+    """Load every file the config names (keys, TLS, upstream TLS), and with ``bind``
+    try the admin port, so that a bad one fails at start with its flag.
+
+    ``relay --check`` and ``--print-config`` run it without ``bind``."""
     ServerState(config)
-    if config.admin_listen is not None:
+    if bind and config.admin_listen is not None:
         _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
 
 

@@ -256,3 +256,63 @@ def test_a_hanging_resolver_does_not_hold_up_the_start():
     # Together: 0.4 s; one after another: 2 s (five timeouts); a hang: 10 s.
     assert time.monotonic() - started < 1.4
     assert failed == [(host, "no answer within 0.4s") for host in hosts]
+
+
+def bad_configurations(pem: dict[str, str], root: Path) -> dict[str, list[str]]:
+    """Configurations start-up refuses, one for each kind of check it runs."""
+    (root / "typo.keys").write_text("alice sk-alice-1 concurent=16\n")
+    (root / "twice.keys").write_text("alice sk-alice-1\nalice sk-alice-2\n")
+    (root / "map.json").write_text('["not", "a", "map"]')
+    return {
+        "missing key file": ["--api-key-file", str(root / "absent.keys")],
+        "limit typo": ["--api-key-file", str(root / "typo.keys")],
+        "duplicate name": ["--api-key-file", str(root / "twice.keys")],
+        "missing certificate": ["--tls-cert", str(root / "absent.pem")],
+        "certificate not PEM": ["--tls-cert", pem["notes.txt"], "--tls-key", pem["key.pem"]],
+        "mismatched key": ["--tls-cert", pem["server.pem"], "--tls-key", pem["other-key.pem"]],
+        "bad model map": ["--model-map-file", str(root / "map.json")],
+        "missing upstream CA": ["--upstream", "https://127.0.0.1:1", "--upstream-ca", "/absent"],
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing key file",
+        "limit typo",
+        "duplicate name",
+        "missing certificate",
+        "certificate not PEM",
+        "mismatched key",
+        "bad model map",
+        "missing upstream CA",
+    ],
+)
+def test_check_and_print_config_refuse_what_start_up_refuses(pem, tmp_path, case):
+    """--check and --print-config exit 2 with the very line start-up exits with."""
+    argv = [*BASE, *bad_configurations(pem, tmp_path)[case]]
+    started = one_error(relay(*argv))
+    checked = relay(*argv, "--check")
+    assert one_error(checked) == started and checked.stdout == ""
+    printed = relay(*argv, "--print-config")
+    assert one_error(printed) == started and printed.stdout == ""
+
+
+def test_check_says_ok_in_one_line_and_binds_nothing(pem, tmp_path):
+    """A good configuration: --check prints one OK line and exits 0, even with its ports
+    taken (it binds nothing, so a relay running on them can be checked)."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice sk-alice-1 concurrent=16\nbob sk-bob-1 rpm=60\n")
+    with socket.socket() as listen, socket.socket() as admin:
+        for sock in (listen, admin):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        result = relay(
+            "--upstream", "127.0.0.1:1",
+            "--listen", f"127.0.0.1:{listen.getsockname()[1]}",
+            "--admin-listen", f"127.0.0.1:{admin.getsockname()[1]}",
+            "--tls-cert", pem["server.pem"], "--tls-key", pem["key.pem"],
+            "--api-key-file", str(keys), "--check",
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "relay: configuration OK\n" and result.stderr == ""

@@ -53,7 +53,7 @@ def test_the_container_image_streams_through_its_own_entrypoint(tmp_path):
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "HOME": os.environ.get("HOME", "/"),
     }
-    for name in ("RELAY_CHECK_CACHE", "http_proxy", "https_proxy", "no_proxy"):
+    for name in ("CHECK_CONTAINER_CACHE", "http_proxy", "https_proxy", "no_proxy"):
         if name in os.environ:
             env[name] = os.environ[name]
     started = time.monotonic()
