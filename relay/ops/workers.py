@@ -58,12 +58,14 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..core.metrics import Gauges, Metrics, merge_gauges
 from ..core.server import run
+from ..core.state import load_keys
+from ..http.auth import NamedKey
 from . import systemd
 from .admin import AdminConnection, check_ready
-from .service import serve
+from .service import describe_start, open_to_anyone, serve
 
 if TYPE_CHECKING:
     from ..core.state import ServerState
@@ -233,6 +235,7 @@ class Supervisor:
         self._ids = itertools.count()
         self._timers: list[asyncio.TimerHandle] = []
         self._done: asyncio.Event | None = None
+        self.admin: asyncio.Server | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -250,6 +253,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("cannot listen on %s (--admin-listen): %s", address, exc.strerror)
                 return 1
+            self.admin = admin
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._broadcast, {"op": "reload"})
@@ -423,6 +427,16 @@ class Supervisor:
         self.announced = True
         listening = ", ".join(_name(sock) for sock in self.sockets)
         log.info("all %d workers ready", len(ready))
+        addresses = [(str(h), int(p)) for h, p in (s.getsockname()[:2] for s in self.sockets)]
+        admin = ", ".join(_name(sock) for sock in self.admin.sockets) if self.admin else None
+        try:
+            keys: list[NamedKey] = load_keys(self.config)
+        except ConfigError:
+            keys = []  # changed since start-up; the workers' own lines say more
+        how = f"{len(ready)} workers"
+        if warning := open_to_anyone(addresses, keys):
+            log.warning("%s", warning)
+        log.info("%s", describe_start(self.config, addresses, admin, keys, how))
         systemd.notify(f"READY=1\nSTATUS=listening on {listening} with {len(ready)} workers")
 
     def _broadcast(self, message: dict[str, Any]) -> None:

@@ -316,3 +316,64 @@ def test_check_says_ok_in_one_line_and_binds_nothing(pem, tmp_path):
         )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout == "relay: configuration OK\n" and result.stderr == ""
+
+
+def start_up_lines(*args: str, until: str = "relay listening on") -> list[str]:
+    """What a relay logs up to and including the first line holding ``until`` (then it
+    is stopped); the lines of a relay that stopped on its own fail the test."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "--upstream", "127.0.0.1:1", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    timer = threading.Timer(LIMIT, process.kill)  # bounds the reads below
+    timer.start()
+    try:
+        while not lines or until not in lines[-1]:
+            line = process.stderr.readline()
+            assert line, f"relay stopped: {lines}"
+            lines.append(line.rstrip("\n"))
+    finally:
+        timer.cancel()
+        process.terminate()
+        process.communicate(timeout=LIMIT)
+    return lines
+
+
+def test_the_start_up_line_says_what_started(tmp_path):
+    """One line names the listener, the admin address, the upstreams, how many keys
+    were loaded and the limits in force."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice sk-alice-1 concurrent=3\nbob sk-bob-1\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        admin = probe.getsockname()[1]
+    lines = start_up_lines(
+        "--listen", "127.0.0.1:0", "--admin-listen", f"127.0.0.1:{admin}",
+        "--upstream", "127.0.0.2:1", "--api-key-file", str(keys),
+        "--max-inflight", "4", "--key-rpm", "60", "--max-body-bytes", "1m",
+    )  # fmt: skip
+    line = lines[-1]
+    assert "relay listening on 127.0.0.1:" in line and f"admin 127.0.0.1:{admin}" in line
+    assert "forwarding to http://127.0.0.1:1, http://127.0.0.2:1 (least-requests)" in line
+    assert "2 API keys" in line and "1 key with its own limits" in line
+    assert "max-body-bytes 1m" in line and "max-inflight 4 per upstream" in line
+    assert "per key rpm 60" in line
+    assert not any("WARNING" in entry for entry in lines), lines
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serving_beyond_loopback_without_keys_is_one_warning(workers):
+    """Listening on every interface with no API keys draws one warning line (not one per
+    worker): anyone who can reach the port can use the GPU."""
+    until = "relay listening on" if workers == "1" else "workers)"
+    lines = start_up_lines("--listen", "0.0.0.0:0", "--workers", workers, until=until)
+    warnings = [line for line in lines if "WARNING" in line]
+    assert len(warnings) == 1, lines
+    assert "0.0.0.0:" in warnings[0] and "no API keys" in warnings[0]
+    assert "anyone who can reach the port can use the GPU" in warnings[0]
+    assert "no API keys" in next(line for line in lines if "relay listening on" in line)
