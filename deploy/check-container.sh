@@ -146,8 +146,8 @@ else
 fi
 
 # The upstream: relay's own streamer, from the image (which has relay installed).
-"${in_image[@]}" python -m relay.tools.streamer --listen 127.0.0.1:30000 --ttft 0.05 \
-    --gap 0.02 >"$work/streamer.log" 2>&1 &
+"${in_image[@]}" python -m relay.tools.streamer --listen 127.0.0.1:30000 --ttft 50ms \
+    --gap 20ms >"$work/streamer.log" 2>&1 &
 pids+=($!)
 streamer=$!
 for _ in $(seq 100); do

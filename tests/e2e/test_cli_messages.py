@@ -377,3 +377,20 @@ def test_serving_beyond_loopback_without_keys_is_one_warning(workers):
     assert "0.0.0.0:" in warnings[0] and "no API keys" in warnings[0]
     assert "anyone who can reach the port can use the GPU" in warnings[0]
     assert "no API keys" in next(line for line in lines if "relay listening on" in line)
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["--upstrem", "127.0.0.1:1"], " (did you mean --upstream?)"),
+        (["--upstream", "127.0.0.1:1", "--lisen=:0"], " (did you mean --listen?)"),
+        (["--upstream", "127.0.0.1:1", "--api-keyfile", "k"], " (did you mean --api-key-file?)"),
+        (["probe", "--acept-encoding", "gzip", "http://x"], " (did you mean --accept-encoding?)"),
+        (["--upstream", "127.0.0.1:1", "--frobnicate"], ""),
+    ],
+)
+def test_a_mistyped_flag_gets_a_did_you_mean(argv, suggestion):
+    """An unknown flag is one line naming it, with the closest real flag when one is close."""
+    err = one_error(relay(*argv))
+    assert "unrecognized arguments: " in err
+    assert err.endswith(f"{suggestion}\n") and err.count("did you mean") == (1 if suggestion else 0)
