@@ -398,7 +398,7 @@ class Supervisor:
             if not worker.was_ready:  # nothing to drain: it never served
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.terminate()
-        self._stop()
+        self._stop("start-up failed")
 
     def _start_timeout(self) -> None:
         if not self.announced:
@@ -406,14 +406,14 @@ class Supervisor:
             wanted = self.config.workers
             self._fail_start(f"{ready} of {wanted} workers ready after {START_TIMEOUT:g} s")
 
-    def _stop(self) -> None:
+    def _stop(self, why: str) -> None:
         """Refuse new connections, tell every worker to drain, and kill any left at the deadline."""
         self.stopping = True
         for handle in self._timers:
             handle.cancel()  # no restarts now
         for sock in self.sockets:
             sock.close()  # with the workers' copies closed, new connections are refused
-        self._broadcast({"op": "drain", "why": "stopping"})
+        self._broadcast({"op": "drain", "why": why})
         deadline = self.config.drain_timeout + KILL_GRACE
         self._timers.append(asyncio.get_running_loop().call_later(deadline, self._kill))
         self._reap()
@@ -429,14 +429,15 @@ class Supervisor:
         log.info("all %d workers ready", len(ready))
         addresses = [(str(h), int(p)) for h, p in (s.getsockname()[:2] for s in self.sockets)]
         admin = ", ".join(_name(sock) for sock in self.admin.sockets) if self.admin else None
+        how = f"{len(ready)} workers"
         try:
             keys: list[NamedKey] = load_keys(self.config)
-        except ConfigError:
-            keys = []  # changed since start-up; the workers' own lines say more
-        how = f"{len(ready)} workers"
-        if warning := open_to_anyone(addresses, keys):
-            log.warning("%s", warning)
-        log.info("%s", describe_start(self.config, addresses, admin, keys, how))
+        except ConfigError as exc:  # changed since the start-up checks; the workers read theirs
+            log.warning("cannot count the API keys for the start-up line: %s", exc)
+        else:
+            if warning := open_to_anyone(addresses, keys):
+                log.warning("%s", warning)
+            log.info("%s", describe_start(self.config, addresses, admin, keys, how))
         systemd.notify(f"READY=1\nSTATUS=listening on {listening} with {len(ready)} workers")
 
     def _broadcast(self, message: dict[str, Any]) -> None:
@@ -451,7 +452,7 @@ class Supervisor:
         if self.signals == 1:
             log.info("%s: draining %d workers", name, len(self.processes))
             systemd.notify("STOPPING=1")
-            self._stop()
+            self._stop(name)
         else:
             log.warning("second signal: workers exit now")
             self._broadcast({"op": "exit"})
