@@ -49,11 +49,13 @@ def test_the_container_image_streams_through_its_own_entrypoint(tmp_path):
     """deploy/check-container.sh, run from a fresh shell outside the checkout, builds the
     image, streams through its ENTRYPOINT/ENV/USER, passes its HEALTHCHECK and removes
     the images it built."""
+    # A fresh root shell's: no virtual environment's python3 (with h11) comes first.
     env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": os.environ.get("HOME", "/"),
     }
-    for name in ("CHECK_CONTAINER_CACHE", "http_proxy", "https_proxy", "no_proxy"):
+    proxies = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+    for name in ("CHECK_CONTAINER_CACHE", *proxies):
         if name in os.environ:
             env[name] = os.environ[name]
     started = time.monotonic()
