@@ -5,39 +5,70 @@
 #
 #   deploy/check-container.sh [--keep]     # --keep: leave the images behind
 #
+# Runs from a fresh root shell as written: everything that needs relay (the
+# upstream streamer, the probe) runs inside the image, which has relay
+# installed; the host's python3 only reads JSON.
+#
 # The python:3.11-slim base is replaced by a local stand-in built with
 # debootstrap (Debian bookworm's python3 is 3.11). The host's CA bundle is
-# copied into the stand-in so pip works behind a TLS-intercepting proxy.
+# copied into the stand-in so pip works behind a TLS-intercepting proxy. The
+# stand-in's root file system is cached for the day in $CHECK_CONTAINER_CACHE
+# (default /var/cache/relay-check; set it empty to cache nothing), so only
+# the first check of a day downloads Debian.
 # Where `podman run` works the image runs as a container; where it does not
 # (no user namespaces, nested containers) it runs under chroot from the
 # mounted image with the same command line and environment. Either way it
-# shares the host's network and needs ports 4000 and 4001 (the image's own).
-# Needs root, podman and debootstrap (apt-get install podman debootstrap).
+# runs in a network namespace of its own, so the image's ports (4000, 4001)
+# never meet anything else on the machine.
+# Needs root, podman, debootstrap and iproute2 (apt-get install podman debootstrap iproute2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keep=no
 if [[ ${1:-} == --keep ]]; then keep=yes; fi
-image=localhost/relay:check
-base=localhost/relay-base:bookworm
+# Names of this run only: checks running at once must not remove each other's.
+image=localhost/relay:check-$$
+base=localhost/relay-base:check-$$
+netns=relay-check-$$
+cache=${CHECK_CONTAINER_CACHE-/var/cache/relay-check}
 work=$(mktemp -d)
 pids=()
 mounted=no
 container=
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    if [[ -n $container ]]; then podman rm -f "$container" >/dev/null 2>&1 || true; fi
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [[ -n $container ]]; then podman rm -f -t 0 "$container" >/dev/null 2>&1 || true; fi
     if [[ $mounted == yes ]]; then podman image umount "$image" >/dev/null || true; fi
     if [[ $keep == no ]]; then podman rmi -f "$image" "$base" >/dev/null 2>&1 || true; fi
+    ip netns delete "$netns" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
+for tool in podman debootstrap ip; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "check-container.sh: $tool is not installed (apt-get install podman debootstrap iproute2)" >&2
+        exit 1
+    fi
+done
 
-debootstrap --variant=minbase --include=python3,python3-pip,ca-certificates \
-    bookworm "$work/rootfs" http://deb.debian.org/debian
-ln -sf python3 "$work/rootfs/usr/bin/python"
-rm -f "$work"/rootfs/usr/lib/python3*/EXTERNALLY-MANAGED   # the slim image has no such file
-cp /etc/ssl/certs/ca-certificates.crt "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
-tar -C "$work/rootfs" -c . | podman import - "$base"
+# The base root file system, built once a day (Debian's security updates
+# reach the image at most a day late).
+rootfs=${cache:-$work}/bookworm-$(date -u +%Y%m%d).tar
+if [[ ! -s $rootfs ]]; then
+    mkdir -p "$(dirname "$rootfs")"
+    debootstrap --variant=minbase --include=python3,python3-pip,ca-certificates \
+        bookworm "$work/rootfs" http://deb.debian.org/debian
+    ln -sf python3 "$work/rootfs/usr/bin/python"
+    rm -f "$work"/rootfs/usr/lib/python3*/EXTERNALLY-MANAGED   # the slim image has no such file
+    cp /etc/ssl/certs/ca-certificates.crt "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
+    # Written aside and renamed: a check running at the same time never reads half a file.
+    tar -C "$work/rootfs" -cf "$rootfs.$$" .
+    mv "$rootfs.$$" "$rootfs"
+    rm -rf "$work/rootfs"
+    find "$(dirname "$rootfs")" -maxdepth 1 -name 'bookworm-*.tar' ! -name "$(basename "$rootfs")" \
+        -delete
+fi
+podman import - "$base" <"$rootfs" >/dev/null
 
 # --layers=false: no intermediate images are left behind.
 podman build --isolation=chroot --format docker --layers=false \
@@ -75,18 +106,23 @@ if [[ ${#command[@]} -eq 0 || ${#health[@]} -eq 0 ]]; then
     exit 1
 fi
 
-python3 -m relay.tools.streamer --listen 127.0.0.1:30701 --ttft 0.05 --gap 0.02 >/dev/null &
-pids+=($!)
-log="$work/relay.log"
+# A network namespace with only loopback: the upstream, relay, the
+# HEALTHCHECK and the probe all meet on its 127.0.0.1.
+ip netns add "$netns"
+ip netns exec "$netns" ip link set lo up
 # What `docker run -e RELAY_UPSTREAM=...` adds: the only setting not in the image.
-upstream=RELAY_UPSTREAM=127.0.0.1:30701
-if podman run --rm --network host --user "$user" "$image" --version >/dev/null 2>&1; then
+upstream=RELAY_UPSTREAM=127.0.0.1:30000
+log="$work/relay.log"
+if podman run --rm --network none --user "$user" "$image" --version >/dev/null 2>"$work/run.err"; then
     mode="podman run"
     container=relay-check-$$
-    podman run -d --name "$container" --network host -e "$upstream" "$image" >/dev/null
+    podman run -d --name "$container" --network "ns:/run/netns/$netns" -e "$upstream" \
+        "$image" >/dev/null
     in_image=(podman exec "$container")
+    alive() { [[ $(podman inspect -f '{{.State.Running}}' "$container") == true ]]; }
     logs() { podman logs "$container" 2>&1; }
 else
+    echo "podman run does not work here ($(tail -n 1 "$work/run.err")); running the image under chroot"
     mode="chroot (podman run does not work here)"
     mnt=$(podman image mount "$image")
     mounted=yes
@@ -99,21 +135,49 @@ else
         echo "the image's WORKDIR $workdir does not exist in it" >&2
         exit 1
     fi
-    in_image=(chroot "--userspec=$uid:${gid:-0}" "$mnt" /usr/bin/env -i "${image_env[@]}"
-        "$upstream" /bin/sh -c 'cd "$0" && exec "$@"' "$workdir")
-    logs() { cat "$log"; }
-    # chroot, env and sh exec in turn: $! ends up being relay itself.
+    in_image=(ip netns exec "$netns" chroot "--userspec=$uid:${gid:-0}" "$mnt"
+        /usr/bin/env -i "${image_env[@]}" "$upstream" /bin/sh -c 'cd "$0" && exec "$@"' "$workdir")
+    # ip netns exec, chroot, env and sh exec in turn: $! ends up being relay itself.
     "${in_image[@]}" "${command[@]}" 2>"$log" &
-    pids+=($!)
+    relay_pid=$!
+    pids+=("$relay_pid")
+    alive() { kill -0 "$relay_pid" 2>/dev/null; }
+    logs() { cat "$log"; }
 fi
 
-# Ready when the image's own HEALTHCHECK passes (at most 20 s).
+# The upstream: relay's own streamer, from the image (which has relay installed).
+"${in_image[@]}" python -m relay.tools.streamer --listen 127.0.0.1:30000 --ttft 50ms \
+    --gap 20ms >"$work/streamer.log" 2>&1 &
+pids+=($!)
+streamer=$!
 for _ in $(seq 100); do
-    if "${in_image[@]}" "${health[@]}" 2>/dev/null; then break; fi
+    if grep -q "listening on" "$work/streamer.log"; then break; fi
+    if ! kill -0 "$streamer" 2>/dev/null; then break; fi
     sleep 0.2
 done
-"${in_image[@]}" "${health[@]}"
-python3 -m relay probe http://127.0.0.1:4000 --max-tokens 8
+if ! grep -q "listening on" "$work/streamer.log"; then
+    echo "the streamer did not start in the image:" >&2
+    cat "$work/streamer.log" >&2
+    exit 1
+fi
+
+# Ready when the image's own HEALTHCHECK passes (at most 20 s); until then
+# its failures are expected, the last one is shown.
+for _ in $(seq 100); do
+    if ! alive; then
+        echo "relay exited in the image:" >&2
+        logs >&2
+        exit 1
+    fi
+    if "${in_image[@]}" "${health[@]}" >/dev/null 2>&1; then break; fi
+    sleep 0.2
+done
+if ! "${in_image[@]}" "${health[@]}"; then
+    echo "the image's HEALTHCHECK fails; relay's log:" >&2
+    logs >&2
+    exit 1
+fi
+"${in_image[@]}" python -m relay probe http://127.0.0.1:4000 --max-tokens 8
 # The image sets RELAY_LOG_FORMAT=json: every log line must be a JSON object.
 logs | python3 -c 'import json, sys
 lines = [line for line in sys.stdin if line.strip()]
@@ -124,5 +188,5 @@ for line in lines:
         sys.exit(f"relay did not log JSON: {line.rstrip()}")
 sys.exit(0 if lines else "relay logged nothing")'
 echo "container image OK ($mode): runs its ENTRYPOINT as user $user with its ENV," \
-    "streams, logs JSON, HEALTHCHECK passes"
+    "streams, logs JSON, HEALTHCHECK passes (${SECONDS}s)"
 if [[ $keep == yes ]]; then echo "kept $image and $base"; fi

@@ -193,9 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log lines as text or JSON (default text); logs go to stderr",
     )
     ops.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration as start-up does (key, TLS and model map files, "
+        "limits), bind nothing, and exit: 0 with one OK line, else 2 with the error",
+    )
+    ops.add_argument(
         "--print-config",
         action="store_true",
-        help="print the effective configuration (secrets masked) and exit",
+        help="check the configuration as --check does, print it (secrets masked) and exit",
     )
     # Stream fidelity: the metrics are always on; these add to them.
     fidelity = parser.add_argument_group("stream fidelity")
@@ -366,12 +372,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         return fail(exc)
-    if args.print_config:
-        print(describe_config(config))
+    from .ops.service import preflight
+
+    if args.check or args.print_config:
+        # What start-up checks, short of binding: a port free now says nothing of later.
+        try:
+            preflight(config, bind=False)
+        except (ConfigError, TLSError) as exc:
+            return fail(exc)
+        for host, reason in unresolved_hosts(u.host for u in config.all_upstreams):
+            sys.stderr.write(f"relay: warning: upstream host {host} does not resolve ({reason})\n")
+        print(describe_config(config) if args.print_config else "relay: configuration OK")
         return 0
     setup_logging(config.log_level, config.log_format)
     from .core.server import run
-    from .ops.service import preflight, serve
+    from .ops.service import serve
     from .ops.workers import WORKER_ENV
 
     # A worker of --workers N was started by a parent that checked all this,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import sys
 from collections.abc import Sequence
@@ -52,8 +53,20 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message}{self._suggestion(message)}\n")
         sys.exit(EXIT_USAGE)
+
+    def _suggestion(self, message: str) -> str:
+        """`` (did you mean --upstream?)`` for the first unknown ``--flag`` in ``message``."""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        words = message.removeprefix("unrecognized arguments: ").split()
+        flags = [word.split("=", 1)[0][2:] for word in words if word.startswith("--")]
+        # Compared without the dashes, which every flag shares and would make any
+        # two of them look alike.
+        known = [o[2:] for o in self._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(flags[0], known, n=1, cutoff=0.7) if flags else []
+        return f" (did you mean --{close[0]}?)" if close else ""
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: Any = None

@@ -15,6 +15,7 @@ every request, so the time taken says nothing about which bytes matched.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import json
@@ -68,7 +69,8 @@ def _limit(where: str, name: str, value: Any) -> int:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise KeyFileError(f"{where}: {name} must be a whole number (0: no limit)")
+        shown = repr(value) if len(repr(value)) <= 12 else "a value too long to show"
+        raise KeyFileError(f"{where}: {name} must be a whole number (0: no limit), got {shown}")
     return value
 
 
@@ -129,15 +131,31 @@ def parse_named_keys(content: str) -> list[NamedKey]:
             continue
         name, key, *options = words
         if not _NAME_RE.fullmatch(name):
+            # Not quoted: with the words swapped, the first one is the key.
             raise KeyFileError(
-                f"line {number}: invalid key name (letters, digits, . _ -; up to 64)"
+                f"line {number}: the first word is not a key name (letters, digits, . _ -; "
+                "up to 64); a line with a key alone needs no name"
             )
         found = {}
-        for option in options:
+        for position, option in enumerate(options, 3):
             limit, sep, value = option.partition("=")
-            if not sep or limit not in _LIMIT_NAMES:
+            if not sep:
+                # Not quoted: a word without '=' after the key may be a key itself.
                 raise KeyFileError(
-                    f"line {number}: expected NAME KEY [concurrent=N] [rpm=N] [tpm=N]"
+                    f"line {number}: word {position} is not a limit (a second key on the "
+                    "line?); expected NAME KEY [concurrent=N] [rpm=N] [tpm=N]"
+                )
+            if limit not in _LIMIT_NAMES:
+                # Quoted only when it is close to a limit's name: then it is a typo
+                # of one, not a key that happens to hold '='.
+                close = difflib.get_close_matches(limit, _LIMIT_NAMES, n=1)
+                what = (
+                    f"unknown limit {limit!r} (did you mean {close[0]}?)"
+                    if close
+                    else f"word {position} is not a limit"
+                )
+                raise KeyFileError(
+                    f"line {number}: {what}; expected NAME KEY [concurrent=N] [rpm=N] [tpm=N]"
                 )
             found[limit] = _limit(f"line {number}", limit, value)
         keys.append(NamedKey(name, key, KeyLimits(**found)))

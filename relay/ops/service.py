@@ -8,6 +8,7 @@ and, for a worker of ``--workers N``, the channel to its parent.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -19,10 +20,12 @@ from ..config import Config, ConfigError, ListenAddress
 from ..core.server import RelayServer
 from ..core.state import ServerState
 from ..core.tls import TLSError
+from ..http.auth import NamedKey
+from ..http.limits import KeyLimits
 from . import systemd
 from .admin import AdminConnection, StateSource
 
-__all__ = ["ParentChannel", "preflight", "serve"]
+__all__ = ["ParentChannel", "describe_start", "open_to_anyone", "preflight", "serve"]
 
 #: A worker's link to its parent: given the state and a ``drain(reason)``
 #: callback, it runs for the worker's life (reports, pings, drain orders).
@@ -36,11 +39,13 @@ def admin_protocol(state: ServerState) -> asyncio.Protocol:
     return AdminConnection(StateSource(state))
 
 
-def preflight(config: Config) -> None:
-    """Load every file the config names, and try the admin port, so that a bad
-    one fails at start with its flag."""
+def preflight(config: Config, *, bind: bool = True) -> None:
+    """Load every file the config names (keys, TLS, upstream TLS), and with ``bind``
+    try the admin port, so that a bad one fails at start with its flag.
+
+    ``relay --check`` and ``--print-config`` run it without ``bind``."""
     ServerState(config)
-    if config.admin_listen is not None:
+    if bind and config.admin_listen is not None:
         _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
 
 
@@ -65,6 +70,92 @@ def _try_bind(host: str | None, port: int, flag: str, config: Config) -> None:
             except OSError as exc:
                 where = ListenAddress(address[0], port)
                 raise ConfigError(flag, f"cannot listen on {where}: {exc.strerror}") from None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _size(value: int) -> str:
+    for unit, scale in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
+        if value >= scale and value % scale == 0:
+            return f"{value // scale}{unit}"
+    return str(value)
+
+
+def _limits_in_force(config: Config, keys_with_limits: int) -> str:
+    """The admission limits a client can meet, off ones left out."""
+    parts = [
+        f"max-connections {config.max_connections}",
+        f"max-body-bytes {_size(config.max_body_bytes)}",
+    ]
+    if config.max_inflight:
+        parts.append(
+            f"max-inflight {config.max_inflight} per upstream "
+            f"(queue {config.queue_size}, {config.queue_timeout:g}s)"
+        )
+    per_key = [
+        f"{name} {value}"
+        for name, value in (
+            ("concurrent", config.key_max_concurrent),
+            ("rpm", config.key_rpm),
+            ("tpm", config.key_tpm),
+        )
+        if value
+    ]
+    if per_key:
+        parts.append("per key " + " ".join(per_key))
+    if keys_with_limits:
+        parts.append(
+            "1 key with its own limits"
+            if keys_with_limits == 1
+            else f"{keys_with_limits} keys with their own limits"
+        )
+    return ", ".join(parts)
+
+
+def describe_start(
+    config: Config,
+    listening: Sequence[tuple[str, int]],
+    admin: str | None,
+    keys: Sequence[NamedKey],
+    how: str,
+) -> str:
+    """The one start-up line: listeners, admin address, upstreams, keys, limits, and
+    ``how`` it runs (the loop, the workers)."""
+    tls = " (TLS)" if config.tls_cert else ""
+    upstreams = ", ".join(str(u) for u in config.upstreams)
+    if len(config.upstreams) > 1:
+        upstreams += f" ({config.balance})"
+    if config.routes:
+        upstreams += f", {len(config.routes)} model routes"
+    with_limits = sum(1 for k in keys if k.limits != KeyLimits())
+    count = f"{len(keys)} API key{'s' if len(keys) != 1 else ''}" if keys else "no API keys"
+    return (
+        f"relay listening on {', '.join(_address(h, p) for h, p in listening)}{tls}, "
+        f"admin {admin or 'off'}, forwarding to {upstreams}, {count}, "
+        f"limits: {_limits_in_force(config, with_limits)} ({how})"
+    )
+
+
+def open_to_anyone(listening: Sequence[tuple[str, int]], keys: Sequence[NamedKey]) -> str | None:
+    """The warning for a relay that serves beyond loopback without API keys, else None."""
+    if keys:
+        return None
+    wide = []
+    for host, port in listening:
+        try:
+            loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            wide.append(_address(host, port))
+    if not wide:
+        return None
+    return (
+        f"listening on {', '.join(wide)} with no API keys: anyone who can reach the port "
+        "can use the GPU (--api-key-file)"
+    )
 
 
 def _describe_loop() -> str:
@@ -96,14 +187,21 @@ async def serve(
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
-    listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses)
+    listening = ", ".join(_address(h, p) for h, p in server.addresses)
     if config.upstream.scheme == "https" and not config.upstream_tls_verify:
         log.warning("upstream TLS certificates are NOT verified (--upstream-insecure-skip-verify)")
+    keys = server.state.keys.entries
+    admin = ", ".join(
+        _address(*sock.getsockname()[:2]) for a in server.admin_servers for sock in a.sockets
+    )
+    how = _describe_loop() if parent is None else f"{_describe_loop()}, worker {os.getpid()}"
+    if parent is None and (warning := open_to_anyone(server.addresses, keys)):
+        log.warning("%s", warning)
     log.info(
-        "relay listening on %s, forwarding to %s (%s)",
-        listening,
-        config.upstream,
-        _describe_loop(),
+        "%s",
+        describe_start(
+            config, server.addresses, admin if parent is None else "in the parent", keys, how
+        ),
     )
     loop = asyncio.get_running_loop()
     stop = loop.create_future()

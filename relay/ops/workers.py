@@ -22,7 +22,14 @@ The parent is the process the service manager sees (``NotifyAccess=main``):
   signal: under systemd or a terminal the workers may get the signal itself
   too, and a second signal means "exit now". A second signal makes the
   workers exit at once. SIGHUP is passed on as "reload".
-- A worker that dies while the service is up is restarted.
+- Start-up is all or nothing: a worker that cannot be started, or that exits
+  before it said it listens, or workers not all ready within
+  ``START_TIMEOUT``, stop the relay with one error line and exit code 1, so
+  that the service manager restarts it or reports it. (Retrying a worker
+  that can never start would leave the port open to clients nobody serves.)
+- A worker that dies once the service is up is restarted: at once if it ran
+  for ``RESTART_BACKOFF``, otherwise after a delay that doubles with each
+  restart in a row that never got ready, up to ``RESTART_BACKOFF_MAX``.
 
 A worker leaves with its parent: ``PR_SET_PDEATHSIG`` sends it SIGTERM
 (Linux), and on any platform its channel reaching end of file drains it.
@@ -51,22 +58,37 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..core.metrics import Gauges, Metrics, merge_gauges
 from ..core.server import run
+from ..core.state import load_keys
+from ..http.auth import NamedKey
 from . import systemd
 from .admin import AdminConnection, check_ready
-from .service import serve
+from .service import describe_start, open_to_anyone, serve
 
 if TYPE_CHECKING:
     from ..core.state import ServerState
 
-__all__ = ["WorkerSpec", "run_worker", "run_workers", "worker_channel", "worker_spec"]
+__all__ = [
+    "WorkerSpec",
+    "restart_delay",
+    "run_worker",
+    "run_workers",
+    "worker_channel",
+    "worker_spec",
+]
 
 log = logging.getLogger("relay.events")
 
 #: A worker that dies right after it started is restarted no faster than this.
 RESTART_BACKOFF = 1.0
+#: The longest wait before restarting a worker that keeps failing to get ready.
+RESTART_BACKOFF_MAX = 30.0
+#: Every worker must say it listens within this long after the relay started.
+START_TIMEOUT = 60.0
+#: How a worker is started; the relay's arguments follow.
+WORKER_COMMAND = (sys.executable, "-m", "relay", "serve")
 #: Longest channel message (a metrics snapshot grows with upstreams and statuses).
 CHANNEL_LIMIT = 4 * 1024 * 1024
 #: How long a scrape waits for a worker before using its last numbers.
@@ -180,6 +202,7 @@ class _Worker:
         self.started = time.monotonic()
         self.writer: asyncio.StreamWriter | None = None
         self.ready = False
+        self.was_ready = False  # said it listens at least once
         self.open = True  # until its channel reaches EOF
         self.snapshot: dict[str, Any] | None = None  # its last /metrics answer
         self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -189,9 +212,16 @@ class _Worker:
 class Supervisor:
     """The parent: starts and restarts workers, speaks for them to systemd and scrapers."""
 
-    def __init__(self, config: Config, argv: Sequence[str], sockets: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        argv: Sequence[str],
+        sockets: list[socket.socket],
+        command: Sequence[str] = WORKER_COMMAND,
+    ) -> None:
         self.config = config
         self.argv = list(argv)
+        self.command = list(command)
         self.sockets = sockets
         self.processes: list[_Worker] = []  # not reaped yet
         self.channels: list[_Worker] = []  # channel still open: their numbers are live
@@ -200,9 +230,12 @@ class Supervisor:
         self.announced = False
         self.signals = 0
         self.worst = 0
+        self.failed_starts = 0  # restarts in a row whose worker never got ready
+        self.start_failed = False
         self._ids = itertools.count()
         self._timers: list[asyncio.TimerHandle] = []
         self._done: asyncio.Event | None = None
+        self.admin: asyncio.Server | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -220,6 +253,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("cannot listen on %s (--admin-listen): %s", address, exc.strerror)
                 return 1
+            self.admin = admin
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._broadcast, {"op": "reload"})
@@ -231,11 +265,13 @@ class Supervisor:
         try:
             for _ in range(self.config.workers):
                 self._spawn()
-            log.info(
-                "started %d workers: %s",
-                self.config.workers,
-                ", ".join(str(w.pid) for w in self.processes),
-            )
+            if not self.stopping:
+                log.info(
+                    "started %d workers: %s",
+                    self.config.workers,
+                    ", ".join(str(w.pid) for w in self.processes),
+                )
+                self._timers.append(loop.call_later(START_TIMEOUT, self._start_timeout))
             await self._done.wait()
         finally:
             for handle in self._timers:
@@ -251,7 +287,7 @@ class Supervisor:
                 admin.close()
             for sock in self.sockets:
                 sock.close()
-        return self.worst
+        return 1 if self.start_failed else self.worst
 
     # -- workers ---------------------------------------------------------------
     def _spawn(self) -> None:
@@ -263,14 +299,19 @@ class Supervisor:
         env[WORKER_ENV] = f"{os.getpid()}:{theirs.fileno()}:{','.join(map(str, listen))}"
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "relay", "serve", *self.argv],
+                [*self.command, *self.argv],
                 env=env,
                 pass_fds=[theirs.fileno(), *listen],
             )
         except OSError as exc:
             mine.close()
-            log.error("cannot start a worker: %s; retrying", exc)
-            self._timers.append(asyncio.get_running_loop().call_later(RESTART_BACKOFF, self._spawn))
+            if not self.announced:
+                self._fail_start(f"cannot start a worker: {self.command[0]}: {exc.strerror or exc}")
+                return
+            self.failed_starts += 1
+            delay = restart_delay(self.failed_starts)
+            log.error("cannot start a worker: %s; retrying in %g s", exc.strerror or exc, delay)
+            self._timers.append(asyncio.get_running_loop().call_later(delay, self._spawn))
             return
         finally:
             theirs.close()
@@ -290,7 +331,8 @@ class Supervisor:
             while line := await reader.readline():
                 message = json.loads(line)
                 if message.get("event") == "ready":
-                    worker.ready = True
+                    worker.ready = worker.was_ready = True
+                    self.failed_starts = 0
                     self._maybe_announce()
                     continue
                 result = message.get("result")
@@ -321,14 +363,23 @@ class Supervisor:
     def _reap(self) -> None:
         for worker in list(self.processes):
             code = worker.process.poll()
-            if code is None:
-                continue
+            if code is None or worker not in self.processes:
+                continue  # running, or reaped already by a nested call (a failed start)
             self.processes.remove(worker)
             if self.stopping:
                 self.worst = max(self.worst, code if code > 0 else 0)
+            elif not self.announced:
+                self._fail_start(f"worker {worker.pid} exited ({code}) before it was ready")
             else:
-                log.error("worker %d exited (%d); restarting it", worker.pid, code)
-                delay = RESTART_BACKOFF - (time.monotonic() - worker.started)
+                if not worker.was_ready:
+                    self.failed_starts += 1
+                delay = restart_delay(self.failed_starts) - (time.monotonic() - worker.started)
+                log.error(
+                    "worker %d exited (%d); restarting it%s",
+                    worker.pid,
+                    code,
+                    f" in {delay:.1f} s" if delay > 0 else "",
+                )
                 loop = asyncio.get_running_loop()
                 if delay > 0:
                     self._timers.append(loop.call_later(delay, self._spawn))
@@ -336,6 +387,36 @@ class Supervisor:
                     self._spawn()
         if self.stopping and not self.processes and self._done is not None:
             self._done.set()
+
+    def _fail_start(self, why: str) -> None:
+        """Start-up failed: one error line, stop every worker, exit 1."""
+        if self.stopping:
+            return
+        log.error("%s; relay cannot start its %d workers: exiting", why, self.config.workers)
+        self.start_failed = True
+        for worker in self.processes:
+            if not worker.was_ready:  # nothing to drain: it never served
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.terminate()
+        self._stop("start-up failed")
+
+    def _start_timeout(self) -> None:
+        if not self.announced:
+            ready = sum(w.ready for w in self.channels)
+            wanted = self.config.workers
+            self._fail_start(f"{ready} of {wanted} workers ready after {START_TIMEOUT:g} s")
+
+    def _stop(self, why: str) -> None:
+        """Refuse new connections, tell every worker to drain, and kill any left at the deadline."""
+        self.stopping = True
+        for handle in self._timers:
+            handle.cancel()  # no restarts now
+        for sock in self.sockets:
+            sock.close()  # with the workers' copies closed, new connections are refused
+        self._broadcast({"op": "drain", "why": why})
+        deadline = self.config.drain_timeout + KILL_GRACE
+        self._timers.append(asyncio.get_running_loop().call_later(deadline, self._kill))
+        self._reap()
 
     def _maybe_announce(self) -> None:
         if self.announced or self.stopping:
@@ -346,6 +427,17 @@ class Supervisor:
         self.announced = True
         listening = ", ".join(_name(sock) for sock in self.sockets)
         log.info("all %d workers ready", len(ready))
+        addresses = [(str(h), int(p)) for h, p in (s.getsockname()[:2] for s in self.sockets)]
+        admin = ", ".join(_name(sock) for sock in self.admin.sockets) if self.admin else None
+        how = f"{len(ready)} workers"
+        try:
+            keys: list[NamedKey] = load_keys(self.config)
+        except ConfigError as exc:  # changed since the start-up checks; the workers read theirs
+            log.warning("cannot count the API keys for the start-up line: %s", exc)
+        else:
+            if warning := open_to_anyone(addresses, keys):
+                log.warning("%s", warning)
+            log.info("%s", describe_start(self.config, addresses, admin, keys, how))
         systemd.notify(f"READY=1\nSTATUS=listening on {listening} with {len(ready)} workers")
 
     def _broadcast(self, message: dict[str, Any]) -> None:
@@ -358,17 +450,9 @@ class Supervisor:
         name = signal.Signals(signum).name
         loop = asyncio.get_running_loop()
         if self.signals == 1:
-            self.stopping = True
             log.info("%s: draining %d workers", name, len(self.processes))
             systemd.notify("STOPPING=1")
-            for handle in self._timers:
-                handle.cancel()  # no restarts now
-            for sock in self.sockets:
-                sock.close()  # with the workers' copies closed, new connections are refused
-            self._broadcast({"op": "drain", "why": name})
-            deadline = self.config.drain_timeout + KILL_GRACE
-            self._timers.append(loop.call_later(deadline, self._kill))
-            self._reap()
+            self._stop(name)
         else:
             log.warning("second signal: workers exit now")
             self._broadcast({"op": "exit"})
@@ -452,7 +536,19 @@ def _name(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def run_workers(config: Config, argv: Sequence[str], sockets: list[socket.socket]) -> int:
-    """Run the parent of ``config.workers`` workers on ``sockets``; its exit code."""
+def restart_delay(failed_starts: int) -> float:
+    """How long after its start a worker is restarted, after ``failed_starts`` restarts in
+    a row that never got ready: ``RESTART_BACKOFF``, doubling, at most ``RESTART_BACKOFF_MAX``."""
+    return min(RESTART_BACKOFF * 2 ** min(failed_starts, 16), RESTART_BACKOFF_MAX)
+
+
+def run_workers(
+    config: Config,
+    argv: Sequence[str],
+    sockets: list[socket.socket],
+    command: Sequence[str] = WORKER_COMMAND,
+) -> int:
+    """Run the parent of ``config.workers`` workers on ``sockets``; its exit code
+    (1 if the workers could not all be started)."""
     with asyncio.Runner() as runner:
-        return runner.run(Supervisor(config, argv, sockets).run())
+        return runner.run(Supervisor(config, argv, sockets, command).run())

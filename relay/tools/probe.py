@@ -131,6 +131,26 @@ def client_tls_context(cacert: str | None = None, insecure: bool = False) -> ssl
     return context
 
 
+#: How long the plain-HTTP question after a failed TLS handshake may take.
+PLAIN_HTTP_CHECK_TIMEOUT = 3.0
+
+
+async def _speaks_plain_http(target: _Target) -> bool:
+    """Whether the port answers a plain HTTP request with an HTTP status line."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(PLAIN_HTTP_CHECK_TIMEOUT):
+            reader, writer = await asyncio.open_connection(target.host, target.port)
+            host = target.authority.encode("ascii", "replace")
+            writer.write(b"HEAD / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            return (await reader.read(16)).startswith(b"HTTP/1.")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 async def _open(
     target: _Target, tls: ssl.SSLContext | None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -143,8 +163,16 @@ async def _open(
         reason = f"certificate verify failed: {exc.verify_message}"
         hint = "--cacert FILE trusts a private CA; --insecure skips the check"
         raise ProbeError(f"TLS error with {target.authority}: {reason} ({hint})") from None
-    except ssl.SSLError as exc:
-        raise ProbeError(f"TLS error with {target.authority}: {exc.reason or exc}") from None
+    except (ssl.SSLError, ConnectionResetError) as exc:
+        # A ClientHello sent to a plain-HTTP port fails in ways that name TLS's
+        # records (WRONG_VERSION_NUMBER, a reset, an EOF); asking the port in
+        # plain HTTP says what is actually wrong.
+        if context is not None and await _speaks_plain_http(target):
+            raise ProbeError(
+                f"{target.authority} speaks plain HTTP, not TLS: use http://{target.authority}"
+            ) from None
+        reason = (exc.reason if isinstance(exc, ssl.SSLError) else None) or exc.strerror or exc
+        raise ProbeError(f"TLS error with {target.authority}: {reason}") from None
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise ProbeError(f"cannot connect to {target.authority}: {reason}") from None

@@ -272,24 +272,69 @@ async def _serve(host: str, port: int, settings: StreamerSettings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..config import ConfigError, parse_listen
+    from ..config import ConfigError, parse_count, parse_duration, parse_listen
     from ..core.server import run
 
+    defaults = StreamerSettings()
     parser = OneLineParser(
-        prog="python -m relay.tools.streamer", description="An SGLang-like token streamer."
+        prog="python -m relay.tools.streamer",
+        description="An SGLang-like token streamer: POST /v1/chat/completions and "
+        "/v1/completions stream TOKENS tokens, the first after TTFT, then one every GAP.",
+        epilog="Durations take ms/s/m (250ms, 0.25s, 0.25). A request body may override "
+        "them: max_tokens, relay_ttft_ms, relay_gap_ms, relay_burst.",
     )
-    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default 127.0.0.1:0)")
-    parser.add_argument("--tokens", type=int, default=StreamerSettings.tokens)
-    parser.add_argument("--ttft", type=float, default=StreamerSettings.ttft, help="seconds")
-    parser.add_argument("--gap", type=float, default=StreamerSettings.gap, help="seconds")
-    parser.add_argument("--burst", type=int, default=StreamerSettings.burst)
-    parser.add_argument("--model", default=StreamerSettings.model)
-    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    parser.add_argument(
+        "--listen",
+        metavar="ADDR",
+        default="127.0.0.1:0",
+        help="HOST:PORT (default 127.0.0.1:0: a free port)",
+    )
+    parser.add_argument(
+        "--tokens",
+        metavar="N",
+        default=str(defaults.tokens),
+        help=f"tokens per stream (default {defaults.tokens})",
+    )
+    parser.add_argument(
+        "--ttft",
+        metavar="DURATION",
+        default=f"{defaults.ttft * 1000:g}ms",
+        help=f"time to the first token (default {defaults.ttft * 1000:g}ms)",
+    )
+    parser.add_argument(
+        "--gap",
+        metavar="DURATION",
+        default=f"{defaults.gap * 1000:g}ms",
+        help=f"time between tokens (default {defaults.gap * 1000:g}ms)",
+    )
+    parser.add_argument(
+        "--burst",
+        metavar="N",
+        default=str(defaults.burst),
+        help=f"token events per write (default {defaults.burst})",
+    )
+    parser.add_argument(
+        "--model",
+        default=defaults.model,
+        help=f"model name it answers with (default {defaults.model})",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop (default auto: uvloop when installed)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         listen = parse_listen(args.listen)
+        args.tokens = parse_count(args.tokens, "--tokens")
+        args.burst = parse_count(args.burst, "--burst")
+        args.ttft = parse_duration(args.ttft, "--ttft")
+        args.gap = parse_duration(args.gap, "--gap")
+        if args.burst < 1:
+            raise ConfigError("--burst", "must be at least 1")
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.error(f"argument {exc}")
     settings = StreamerSettings(args.tokens, args.ttft, args.gap, args.burst, args.model)
     return run(_serve(listen.host or "0.0.0.0", listen.port, settings), args.loop)
 

@@ -256,3 +256,141 @@ def test_a_hanging_resolver_does_not_hold_up_the_start():
     # Together: 0.4 s; one after another: 2 s (five timeouts); a hang: 10 s.
     assert time.monotonic() - started < 1.4
     assert failed == [(host, "no answer within 0.4s") for host in hosts]
+
+
+def bad_configurations(pem: dict[str, str], root: Path) -> dict[str, list[str]]:
+    """Configurations start-up refuses, one for each kind of check it runs."""
+    (root / "typo.keys").write_text("alice sk-alice-1 concurent=16\n")
+    (root / "twice.keys").write_text("alice sk-alice-1\nalice sk-alice-2\n")
+    (root / "map.json").write_text('["not", "a", "map"]')
+    return {
+        "missing key file": ["--api-key-file", str(root / "absent.keys")],
+        "limit typo": ["--api-key-file", str(root / "typo.keys")],
+        "duplicate name": ["--api-key-file", str(root / "twice.keys")],
+        "missing certificate": ["--tls-cert", str(root / "absent.pem")],
+        "certificate not PEM": ["--tls-cert", pem["notes.txt"], "--tls-key", pem["key.pem"]],
+        "mismatched key": ["--tls-cert", pem["server.pem"], "--tls-key", pem["other-key.pem"]],
+        "bad model map": ["--model-map-file", str(root / "map.json")],
+        "missing upstream CA": ["--upstream", "https://127.0.0.1:1", "--upstream-ca", "/absent"],
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing key file",
+        "limit typo",
+        "duplicate name",
+        "missing certificate",
+        "certificate not PEM",
+        "mismatched key",
+        "bad model map",
+        "missing upstream CA",
+    ],
+)
+def test_check_and_print_config_refuse_what_start_up_refuses(pem, tmp_path, case):
+    """--check and --print-config exit 2 with the very line start-up exits with."""
+    argv = [*BASE, *bad_configurations(pem, tmp_path)[case]]
+    started = one_error(relay(*argv))
+    checked = relay(*argv, "--check")
+    assert one_error(checked) == started and checked.stdout == ""
+    printed = relay(*argv, "--print-config")
+    assert one_error(printed) == started and printed.stdout == ""
+
+
+def test_check_says_ok_in_one_line_and_binds_nothing(pem, tmp_path):
+    """A good configuration: --check prints one OK line and exits 0, even with its ports
+    taken (it binds nothing, so a relay running on them can be checked)."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice sk-alice-1 concurrent=16\nbob sk-bob-1 rpm=60\n")
+    with socket.socket() as listen, socket.socket() as admin:
+        for sock in (listen, admin):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        result = relay(
+            "--upstream", "127.0.0.1:1",
+            "--listen", f"127.0.0.1:{listen.getsockname()[1]}",
+            "--admin-listen", f"127.0.0.1:{admin.getsockname()[1]}",
+            "--tls-cert", pem["server.pem"], "--tls-key", pem["key.pem"],
+            "--api-key-file", str(keys), "--check",
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "relay: configuration OK\n" and result.stderr == ""
+
+
+def start_up_lines(*args: str, until: str = "relay listening on") -> list[str]:
+    """What a relay logs up to and including the first line holding ``until`` (then it
+    is stopped); the lines of a relay that stopped on its own fail the test."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "--upstream", "127.0.0.1:1", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    timer = threading.Timer(LIMIT, process.kill)  # bounds the reads below
+    timer.start()
+    try:
+        while not lines or until not in lines[-1]:
+            line = process.stderr.readline()
+            assert line, f"relay stopped: {lines}"
+            lines.append(line.rstrip("\n"))
+    finally:
+        timer.cancel()
+        process.terminate()
+        process.communicate(timeout=LIMIT)
+    return lines
+
+
+def test_the_start_up_line_says_what_started(tmp_path):
+    """One line names the listener, the admin address, the upstreams, how many keys
+    were loaded and the limits in force."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice sk-alice-1 concurrent=3\nbob sk-bob-1\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        admin = probe.getsockname()[1]
+    lines = start_up_lines(
+        "--listen", "127.0.0.1:0", "--admin-listen", f"127.0.0.1:{admin}",
+        "--upstream", "127.0.0.2:1", "--api-key-file", str(keys),
+        "--max-inflight", "4", "--key-rpm", "60", "--max-body-bytes", "1m",
+    )  # fmt: skip
+    line = lines[-1]
+    assert "relay listening on 127.0.0.1:" in line and f"admin 127.0.0.1:{admin}" in line
+    assert "forwarding to http://127.0.0.1:1, http://127.0.0.2:1 (least-requests)" in line
+    assert "2 API keys" in line and "1 key with its own limits" in line
+    assert "max-body-bytes 1m" in line and "max-inflight 4 per upstream" in line
+    assert "per key rpm 60" in line
+    assert not any("WARNING" in entry for entry in lines), lines
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serving_beyond_loopback_without_keys_is_one_warning(workers):
+    """Listening on every interface with no API keys draws one warning line (not one per
+    worker): anyone who can reach the port can use the GPU."""
+    until = "relay listening on" if workers == "1" else "workers)"
+    lines = start_up_lines("--listen", "0.0.0.0:0", "--workers", workers, until=until)
+    warnings = [line for line in lines if "WARNING" in line]
+    assert len(warnings) == 1, lines
+    assert "0.0.0.0:" in warnings[0] and "no API keys" in warnings[0]
+    assert "anyone who can reach the port can use the GPU" in warnings[0]
+    assert "no API keys" in next(line for line in lines if "relay listening on" in line)
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["--upstrem", "127.0.0.1:1"], " (did you mean --upstream?)"),
+        (["--upstream", "127.0.0.1:1", "--lisen=:0"], " (did you mean --listen?)"),
+        (["--upstream", "127.0.0.1:1", "--api-keyfile", "k"], " (did you mean --api-key-file?)"),
+        (["probe", "--acept-encoding", "gzip", "http://x"], " (did you mean --accept-encoding?)"),
+        (["--upstream", "127.0.0.1:1", "--frobnicate"], ""),
+    ],
+)
+def test_a_mistyped_flag_gets_a_did_you_mean(argv, suggestion):
+    """An unknown flag is one line naming it, with the closest real flag when one is close."""
+    err = one_error(relay(*argv))
+    assert "unrecognized arguments: " in err
+    assert err.endswith(f"{suggestion}\n") and err.count("did you mean") == (1 if suggestion else 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def streamer_process(ttft: str, gap: str) -> Iterator[str]:
 
 def test_probe_says_streaming_through_relay_and_buffered_through_a_buffering_proxy():
     """Against the paced streamer: relay → streaming (0); a buffering proxy → BUFFERED (1)."""
-    with streamer_process("0.05", "0.02") as url:
+    with streamer_process("50ms", "20ms") as url:
         port = int(url.rsplit(":", 1)[1])
         with RelayThread(url) as relay:
             result = relay_cli("probe", relay.url, *PACE)
@@ -155,3 +156,38 @@ def test_probe_completions_json_and_tls_error():
         tls = relay_cli("probe", url.replace("http://", "https://"), *PACE)
         assert tls.returncode == 3
         assert tls.stderr.count("\n") == 1 and "TLS" in tls.stderr
+
+
+def test_probe_https_against_a_plain_http_port_says_it_speaks_plain_http():
+    """relay probe https://... against a plain-HTTP port says so, with the URL to use,
+    instead of a TLS record error."""
+    with streamer_process("50ms", "20ms") as url:
+        port = int(url.rsplit(":", 1)[1])
+        with RelayThread(url) as relay:
+            for target in (port, relay.port):
+                result = relay_cli("probe", f"https://127.0.0.1:{target}", *PACE)
+                assert result.returncode == 3, result.stderr
+                assert result.stderr == (
+                    f"relay probe: error: 127.0.0.1:{target} speaks plain HTTP, not TLS: "
+                    f"use http://127.0.0.1:{target}\n"
+                )
+
+
+def test_the_streamer_takes_durations_as_relay_does_and_shows_its_defaults():
+    """--ttft 250ms and --gap 0.5s parse like relay's flags; --help gives every default;
+    a bad duration is one line naming the flag."""
+    streamer = [sys.executable, "-m", "relay.tools.streamer"]
+    shown = subprocess.run([*streamer, "--help"], capture_output=True, text=True, timeout=LIMIT)
+    assert shown.returncode == 0
+    for default in ("(default 250ms)", "(default 24ms)", "(default 64)", "(default 1)"):
+        assert default in shown.stdout, shown.stdout
+    bad = subprocess.run(
+        [*streamer, "--ttft", "soon"], capture_output=True, text=True, timeout=LIMIT
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "argument --ttft: expected a duration" in bad.stderr
+    with streamer_process("250ms", "0.01s") as url:
+        result = relay_cli("probe", url, *PACE)
+    assert result.returncode == 0, result.stderr
+    ttft = float(re.search(r"TTFT ms\s+([0-9.]+)", result.stdout).group(1))
+    assert 240 <= ttft < 2000, result.stdout

@@ -3,6 +3,7 @@ worker pids in the log, and workers that do not outlive their parent."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -278,3 +279,77 @@ def test_metrics_cover_every_worker_and_never_go_down(sglang):
             check(scrape())
     finally:
         assert relay.stop() == 0
+
+
+SUPERVISE = """
+import json, logging, socket, sys
+from relay.config import Config, ListenAddress
+from relay.ops import workers
+workers.START_TIMEOUT = float(sys.argv[2])
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+sock = socket.create_server(("127.0.0.1", 0))
+config = Config(listen=ListenAddress("127.0.0.1", 0), workers=2, drain_timeout=1.0)
+sys.exit(workers.run_workers(config, [], [sock], command=json.loads(sys.argv[1])))
+"""
+
+
+def supervise(command: list[str], start_timeout: float = 60.0) -> tuple[int, list[str], float]:
+    """The parent of two workers started with ``command``: exit code, log lines, seconds."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", SUPERVISE, json.dumps(command), str(start_timeout)],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT * 2,
+    )
+    return result.returncode, result.stderr.splitlines(), time.monotonic() - started
+
+
+def test_a_worker_that_cannot_be_started_stops_the_relay(tmp_path):
+    """An interpreter the parent may not run: one error line naming it, exit 1, no retries,
+    and never 'started 2 workers:' with nobody in it."""
+    interpreter = tmp_path / "python"
+    interpreter.write_text("#!/bin/sh\n")
+    interpreter.chmod(0o644)  # not executable, even for root
+    code, lines, took = supervise([str(interpreter)])
+    assert code == 1, lines
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 1, lines
+    assert str(interpreter) in errors[0] and "Permission denied" in errors[0], errors
+    assert "cannot start its 2 workers" in errors[0]
+    assert not any("started 2 workers" in line for line in lines), lines
+    assert took < LIMIT
+
+
+def test_workers_that_exit_during_start_up_stop_the_relay(tmp_path):
+    """A worker that exits before it said it listens stops the relay (exit 1, one error
+    line) instead of being restarted without end while clients wait."""
+    attempts = tmp_path / "attempts"
+    code, lines, _ = supervise(
+        [sys.executable, "-c", f"open({str(attempts)!r}, 'a').write('x'); raise SystemExit(3)"]
+    )
+    assert code == 1, lines
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 1 and "exited (3) before it was ready" in errors[0], lines
+    assert len(attempts.read_text()) <= 2  # each worker tried once, never restarted
+
+
+def test_workers_that_never_get_ready_stop_the_relay():
+    """Workers still not ready when the start-up deadline passes stop the relay, and the
+    parent does not wait for their drain deadline to end them."""
+    code, lines, took = supervise([sys.executable, "-c", "import time; time.sleep(60)"], 1.0)
+    assert code == 1, lines
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 1 and "0 of 2 workers ready after 1 s" in errors[0], lines
+    assert took < 5.0  # not the 1 s drain plus the 5 s kill grace
+
+
+def test_restarts_of_a_worker_that_never_gets_ready_back_off_to_a_bound():
+    """A worker that keeps dying before it is ready is restarted ever later, at most every
+    RESTART_BACKOFF_MAX; one that was ready is restarted within RESTART_BACKOFF."""
+    from relay.ops.workers import RESTART_BACKOFF, RESTART_BACKOFF_MAX, restart_delay
+
+    delays = [restart_delay(n) for n in range(40)]
+    assert delays[0] == RESTART_BACKOFF
+    assert delays == sorted(delays) and delays[1] > delays[0]
+    assert delays[-1] == RESTART_BACKOFF_MAX

@@ -71,6 +71,8 @@ def test_a_key_without_a_name_is_shown_by_a_digest_never_by_itself():
         "team-a " + SECRET + " rpm=ten\n",
         "team-a " + SECRET + " burst=3\n",
         "bad/name " + SECRET + "\n",
+        "team-a " + SECRET + " " + SECRET + "2\n",  # two keys on one line
+        "team-a " + SECRET + " " + SECRET + "=3\n",
         '{"team-a": 3}',
         '{"team-a": {"key": "' + SECRET + '", "rpm": -1}}',
         '{"team-a": {"key": "' + SECRET + '", "color": 1}}',
@@ -358,3 +360,22 @@ def test_labelled_counters_survive_a_workers_snapshot():
     assert back.tokens == metrics.tokens and back.requests == metrics.requests
     text = back.render()
     assert 'relay_tokens_total{key="team-a",model="other",kind="prompt"} 3' in text
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("a sk-1 concurent=16", "line 1: unknown limit 'concurent' (did you mean concurrent?)"),
+        ("team-a sk-1 rpm=60 tmp=5", "line 1: unknown limit 'tmp' (did you mean tpm?)"),
+        ("team-a sk-1 rpm=ten", "line 1: rpm must be a whole number (0: no limit), got 'ten'"),
+        ("team-a sk-1 sk-2", "line 1: word 3 is not a limit"),
+        ("team-a sk-1 rpm=1 sk-2=x", "line 1: word 4 is not a limit"),
+        ("sk/1+2 team-a", "line 1: the first word is not a key name"),
+    ],
+)
+def test_a_key_file_error_names_the_bad_word(line, named):
+    """The error says which word is wrong: the mistyped limit by name (with the one
+    meant), a bad value, or a word's place where the word may be a key."""
+    with pytest.raises(KeyFileError) as caught:
+        parse_named_keys(line + "\n")
+    assert str(caught.value).startswith(named), caught.value
