@@ -30,6 +30,7 @@ import bisect
 import contextlib
 import enum
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -252,7 +253,7 @@ class Exchange:
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
-        self._ticker.watch(self)
+        self._rearm()  # the body deadline, while relay holds the body to read its model
         if self._route_by_body:
             # relay reads the whole (JSON) body before choosing an upstream,
             # so it invites the body itself, as nginx does.
@@ -343,6 +344,7 @@ class Exchange:
         self._head_bytes_in = 0
         # Reading the body resumes now; the client is not to blame for the wait.
         self._last_client_byte = self._sent_at = time.monotonic()
+        self._rearm()  # the head deadline (and the body's) start now
         if not self._expects_body or self._out.replay or self.request_complete:
             self._send_head()
         # Otherwise the head waits for the first body bytes: until h11 has
@@ -443,11 +445,13 @@ class Exchange:
         # That pause is relay's doing, so the client's body deadline waits too.
         self._upstream_full_since = time.monotonic()
         self.client.hold_reading(True)
+        self._rearm()
 
     def upstream_resume_writing(self) -> None:
         self._upstream_full_since = None
         self._last_client_byte = time.monotonic()
         self.client.hold_reading(False)
+        self._rearm()  # the client-body deadline may be shorter than the upstream's
 
     # -- response (called by the upstream connection) ---------------------
     def upstream_data(self, data: bytes) -> None:
@@ -592,6 +596,7 @@ class Exchange:
             headers.append((b"connection", b"close"))
         head = response_head(status, event.reason, headers, http_version=client.http_version)
         self.phase = Phase.BODY
+        self._rearm()  # the idle and keep-alive deadlines may be shorter than the head's
         if leftover and framing == ClientFraming.SAME and not self._framer.complete:
             # The head and the first body bytes go out in one write.
             self._pending_head = head
@@ -741,14 +746,51 @@ class Exchange:
         self._client_paused_since = time.monotonic()
         if self._upstream is not None:
             self._upstream.pause_reading()
+        self._rearm()
 
     def client_resume_writing(self) -> None:
         self._client_paused_since = None
         if self._upstream is not None:
             self._upstream.resume_reading()
+        self._rearm()  # the idle deadline counts again, from the last upstream byte
 
     # -- deadlines (checked by the server's ticker) --------------------------
-    def on_tick(self, now: float) -> None:
+    def _rearm(self) -> None:
+        """File this exchange with the ticker at its earliest deadline.
+
+        Called where a deadline may move earlier (a new phase, a pause);
+        deadlines that move later (every read) are found when the filed time
+        comes and :meth:`on_tick` files the exchange again.
+        """
+        self._ticker.schedule(self, self._next_deadline())
+
+    def _next_deadline(self) -> float:
+        """The earliest time one of this exchange's deadlines falls due (0: none)."""
+        phase = self.phase
+        if phase is Phase.DONE:
+            return 0.0
+        cfg = self.config
+        due = math.inf
+        if not self.request_complete:
+            full = self._upstream_full_since
+            if full is not None:
+                due = full + cfg.upstream_idle_timeout
+            elif self._upstream is not None or self._inspection is not None:
+                due = self._last_client_byte + cfg.client_body_timeout
+        if phase is Phase.WAITING:
+            due = min(due, self._sent_at + cfg.upstream_head_timeout)
+        elif phase is Phase.BODY:
+            paused = self._client_paused_since
+            if paused is not None:
+                due = min(due, paused + cfg.client_send_timeout)
+            else:
+                last = self._last_upstream_byte
+                due = min(due, last + cfg.upstream_idle_timeout)
+                if self._fid.keepalive_on:
+                    due = min(due, self._fid.keepalive_due(last))
+        return 0.0 if due == math.inf else due
+
+    def on_tick(self, now: float) -> float:
         cfg = self.config
         phase = self.phase
         if not self.request_complete:
@@ -757,14 +799,14 @@ class Exchange:
                 self.metrics.timeouts += 1
                 message = "upstream stopped reading the request body"
                 self._fail(RelayError(504, message, "upstream_timeout"))
-                return
+                return 0.0
             # While relay itself does not read the body (waiting for a connection
             # or a --max-inflight slot), the client is not late.
             reading = self._upstream is not None or self._inspection is not None
             if full is None and reading and now - self._last_client_byte >= cfg.client_body_timeout:
                 self.metrics.timeouts += 1
                 self._fail(RelayError(408, "client sent the request body too slowly", "timeout"))
-                return
+                return 0.0
         if phase is Phase.WAITING and now - self._sent_at >= cfg.upstream_head_timeout:
             self.metrics.timeouts += 1
             self._fail(RelayError(504, "upstream did not answer in time", "upstream_timeout"))
@@ -781,6 +823,7 @@ class Exchange:
                 self._cut("upstream idle timeout mid-body")
             elif self._fid.keepalive_on:  # an SSE keep-alive comment may be due
                 self._fid.keepalive(self.client.transport.write, now, self._last_upstream_byte)
+        return self._next_deadline()
 
     def _describe(self) -> str:
         return f"{self.request.method.decode('ascii', 'replace')} {self.request.target!r}"
@@ -807,7 +850,6 @@ class ModelListAnswer(Exchange):
     answers the merged list itself."""
 
     def start(self) -> None:
-        self._ticker.watch(self)
         self._task = self._loop.create_task(self._answer_model_list())
 
     @property
