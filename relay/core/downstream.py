@@ -166,6 +166,9 @@ class ClientConnection(asyncio.Protocol):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                # h11 re-raises from a frame that holds the exception: without
+                # its traceback, no cycle is left for the collector.
+                exc.__traceback__ = None
                 self._protocol_error(exc)
                 return
             if event is h11.NEED_DATA:

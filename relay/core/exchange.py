@@ -64,7 +64,7 @@ from ..http.modellist import merge_model_lists
 from ..http.outgoing import OutgoingRequest
 from ..http.requestplan import RequestPlan, plan_request
 from ..http.rewrite import InspectBudget
-from .accesslog import log_exchange
+from .accesslog import log_exchange, text_value
 from .admission import IGNORE_READ, Ticket
 from .fidelity import StreamWatch
 from .upstream import (
@@ -499,7 +499,13 @@ class Exchange:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._bad_gateway(f"upstream sent an invalid response head: {exc}")
+                # h11's text quotes the upstream's bytes in Python reprs: the
+                # client gets a fixed text, the log the detail (escaped).
+                detail = str(exc)
+                # h11 re-raises from a frame that holds the exception: without
+                # its traceback, no cycle is left for the collector.
+                exc.__traceback__ = None
+                self._bad_gateway("upstream sent an invalid response head", detail)
                 return
             if isinstance(event, h11.Response):
                 self._start_body(event, conn)
@@ -674,8 +680,12 @@ class Exchange:
         self._end(Ending.UPSTREAM_CUT)
         self.client.close_truncated()
 
-    def _bad_gateway(self, reason: str) -> None:
-        log.warning("%s (%s)", reason, self._describe())
+    def _bad_gateway(self, reason: str, detail: str | None = None) -> None:
+        """502 with the fixed ``reason``; ``detail`` (the peer's words) is logged only."""
+        if detail is None:
+            log.warning("%s (%s)", reason, self._describe())
+        else:
+            log.warning("%s (%s): %s", reason, self._describe(), text_value(detail))
         self._fail(RelayError(502, reason, "bad_gateway"))
 
     def _fail(self, error: RelayError) -> None:

@@ -336,3 +336,44 @@ def test_a_huge_aliased_body_does_not_stall_other_streams(loop_kind):
             b_writer.close()
 
     run(loop_kind, main, limit=50)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nBad Header Line\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\nConnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Evil: a\x00b\r\n\r\n",
+    ],
+)
+def test_a_bad_upstream_head_gets_a_fixed_502_text_and_the_detail_goes_to_the_log(
+    loop_kind, head, caplog
+):
+    """The client's 502 names the problem in relay's words, never h11's text or a
+    Python repr of the upstream's bytes; the detail is in relay's log, escaped."""
+    caplog.set_level(logging.WARNING, logger="relay")
+
+    async def bad_head(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(head)
+        await writer.drain()
+
+    async def main():
+        async with setup(bad_head) as (_up, relay):
+            reader, writer = await connect(relay)
+            writer.write(request_bytes(body=b"{}"))
+            data = await read_to_eof(reader)
+            writer.close()
+            assert data.startswith(b"HTTP/1.1 502 "), data
+            error = _error(data)
+            assert error == {
+                "message": "upstream sent an invalid response head",
+                "type": "server_error",
+                "code": "bad_gateway",
+            }, error
+
+    run(loop_kind, main)
+    lines = [r.getMessage() for r in caplog.records if "invalid response head" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "\x00" not in lines[0] and "\n" not in lines[0]
+    assert "Bad Header" in lines[0] or "_SWITCH_UPGRADE" in lines[0] or "\\x00" in lines[0], lines
