@@ -87,6 +87,12 @@ log = logging.getLogger("relay.events")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _monotonic = time.monotonic
+_perf_counter = time.perf_counter
+#: Body inspection per loop turn: scan steps per call, and the time after
+#: which the rest waits for the next turn (a step of bracket-dense JSON costs
+#: about half a microsecond, so one call stays well under a millisecond).
+INSPECT_STEPS = 1000
+INSPECT_TURN = 0.002
 _bisect_left = bisect.bisect_left
 _NOT_TRIED: frozenset[UpstreamPool] = frozenset()
 #: Lengths of the response field names relay reads: content-type, connection,
@@ -244,6 +250,8 @@ class Exchange:
         self._client_closes = plan.client_closes
         self._route_by_body = plan.route_by_body
         self._inspection: BodyInspection | None = None
+        self._scan_handle: asyncio.Handle | None = None  # the next scan turn
+        self._scan_behind = self._body_ended = False
         if plan.inspect:
             self._inspection = inspection = BodyInspection(
                 inspect_budget, config.model_map, must_read=plan.must_read_model
@@ -368,11 +376,14 @@ class Exchange:
         """A piece of the client's request body (called by the client connection)."""
         self.request_bytes += len(data)
         self._last_client_byte = time.monotonic()
-        if self._inspection is not None:
-            error = self._inspection.add(data)
+        inspection = self._inspection
+        if inspection is not None:
+            error = inspection.add(data)
             if error is not None:
                 self._inspection = None
                 self._fail(error)
+            elif self._scan_handle is None:
+                self._scan_turn()
             return
         out = self._out
         kept = out.remember(data)
@@ -387,9 +398,46 @@ class Exchange:
         else:
             upstream.transport.writelines(out.frames((data,)))
 
+    def _scan_turn(self) -> None:
+        """Scan the held body for one loop turn's budget; the rest on later turns.
+
+        A body that needs more than a turn (bracket-dense JSON costs a step
+        per bracket) must not hold every other stream. When a turn has used
+        its budget the client's reading is paused until the next loop turn
+        (the event loop would otherwise run many reads back to back in one
+        turn), so at most one read waits; while scanning is behind, the
+        client-body deadline does not run (relay is the late one).
+        """
+        self._scan_handle = None
+        inspection = self._inspection
+        if inspection is None or self.phase is Phase.DONE:
+            return
+        stop = _perf_counter() + INSPECT_TURN
+        done = inspection.scan(INSPECT_STEPS)
+        while not done and _perf_counter() < stop:
+            done = inspection.scan(INSPECT_STEPS)
+        if not done or _perf_counter() >= stop:
+            if not self._scan_behind:
+                self._scan_behind = True
+                self.client.hold_reading(True)
+            self._scan_handle = self._loop.call_soon(self._scan_turn)
+            return
+        if self._scan_behind:
+            self._scan_behind = False
+            self._last_client_byte = time.monotonic()
+            self.client.hold_reading(False)
+            self._rearm()  # the client-body deadline counts again
+        if self._body_ended:
+            self._body_ended = False
+            self.request_end()
+
     def request_end(self) -> None:
+        inspection = self._inspection
+        if inspection is not None and not inspection.scanned:
+            self._body_ended = True  # the last scan turn ends the request
+            return
         self.request_complete = True
-        inspection, self._inspection = self._inspection, None
+        self._inspection = None
         if inspection is not None:
             result = inspection.finish()
             if isinstance(result, RelayError):
@@ -750,6 +798,9 @@ class Exchange:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+        scan, self._scan_handle = self._scan_handle, None
+        if scan is not None:
+            scan.cancel()
 
     # -- flow control from the client side ----------------------------------
     def client_pause_writing(self) -> None:
@@ -785,7 +836,7 @@ class Exchange:
             full = self._upstream_full_since
             if full is not None:
                 due = full + cfg.upstream_idle_timeout
-            elif self._upstream is not None or self._inspection is not None:
+            elif self._reading_body():
                 due = self._last_client_byte + cfg.client_body_timeout
         if phase is Phase.WAITING:
             due = min(due, self._sent_at + cfg.upstream_head_timeout)
@@ -800,6 +851,14 @@ class Exchange:
                     due = min(due, self._fid.keepalive_due(last))
         return 0.0 if due == math.inf else due
 
+    def _reading_body(self) -> bool:
+        """Whether relay reads the request body now. While it does not (waiting for
+        a connection or a --max-inflight slot, or scanning behind), the client
+        is not late."""
+        if self._scan_behind:
+            return False
+        return self._upstream is not None or self._inspection is not None
+
     def on_tick(self, now: float) -> float:
         cfg = self.config
         phase = self.phase
@@ -810,10 +869,11 @@ class Exchange:
                 message = "upstream stopped reading the request body"
                 self._fail(RelayError(504, message, "upstream_timeout"))
                 return 0.0
-            # While relay itself does not read the body (waiting for a connection
-            # or a --max-inflight slot), the client is not late.
-            reading = self._upstream is not None or self._inspection is not None
-            if full is None and reading and now - self._last_client_byte >= cfg.client_body_timeout:
+            if (
+                full is None
+                and self._reading_body()
+                and now - self._last_client_byte >= cfg.client_body_timeout
+            ):
                 self.metrics.timeouts += 1
                 self._fail(RelayError(408, "client sent the request body too slowly", "timeout"))
                 return 0.0
