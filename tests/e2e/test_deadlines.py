@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 
 import pytest
@@ -334,5 +335,27 @@ def test_each_deadline_fires_on_time_not_early(loop_kind, name):
             took = loop.time() - start
             assert data.startswith(first), data[:200]
             assert SHORT - 0.02 <= took <= SHORT + interval + 1.0, (took, interval)
+
+    run(loop_kind, main)
+
+
+def test_the_tick_measures_how_late_the_loop_runs_it(loop_kind):
+    """A callback that holds the loop shows in relay_loop_lag_seconds: the tick
+    that was due meanwhile records how late it ran."""
+
+    async def main():
+        async with setup(_silent, client_head_timeout=0.4) as (_up, relay):
+            lag = relay.state.metrics.loop_lag
+            _reader, writer = await connect(relay)  # a watched connection: the tick runs
+            await until(lambda: lag.count >= 2)
+            late = bisect.bisect_right(lag.bounds, 0.1)  # buckets above 100 ms
+            before = sum(lag.counts[late:])
+            time.sleep(0.35)  # noqa: ASYNC251 - holds the loop, as one long callback would
+            await until(lambda: sum(lag.counts[late:]) > before)
+            assert lag.total >= 0.1
+            text = relay.state.metrics.render()
+            assert "# TYPE relay_loop_lag_seconds histogram" in text
+            assert 'relay_loop_lag_seconds_bucket{le="0.25"}' in text
+            writer.close()
 
     run(loop_kind, main)
