@@ -21,6 +21,7 @@ from ..core.state import ServerState
 from ..core.tls import TLSError
 from . import systemd
 from .admin import AdminConnection, StateSource
+from .process import freeze_startup, raise_nofile_limit
 
 __all__ = ["ParentChannel", "preflight", "serve"]
 
@@ -85,6 +86,7 @@ async def serve(
     to its parent over that socket (ready, metrics, pings) instead of to the
     service manager, and drains when the parent says so or goes away.
     """
+    raise_nofile_limit(config.max_connections)
     activated = list(sockets) or systemd.listen_sockets()
     try:
         server = await RelayServer.start(
@@ -105,6 +107,7 @@ async def serve(
         config.upstream,
         _describe_loop(),
     )
+    freeze_startup()
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     signals = 0
