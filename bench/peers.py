@@ -116,7 +116,14 @@ def start_streamer(cpus: set[int] | None = None) -> Peer:
     return Peer("streamer", int(match.group(1)), process)
 
 
-def start_relay(upstream_port: int, cpus: set[int] | None = None, *extra: str) -> Peer:
+def start_relay(
+    upstream_port: int, cpus: set[int] | None = None, *extra: str, log_to_file: bool = False
+) -> Peer:
+    """relay in front of ``upstream_port``. ``log_to_file``: its log goes to a file, as
+    to journald, not to a pipe this process drains (thousands of access lines at
+    once would fill a pipe and block relay on its writes, a bench artefact)."""
+    if log_to_file:
+        return _start_relay_logging_to_file(upstream_port, cpus, *extra)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -142,6 +149,40 @@ def start_relay(upstream_port: int, cpus: set[int] | None = None, *extra: str) -
     stderr = process.stderr
     threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()
     return Peer("relay", int(match.group(1)), process)
+
+
+def _start_relay_logging_to_file(upstream_port: int, cpus: set[int] | None, *extra: str) -> Peer:
+    workdir = tempfile.TemporaryDirectory(prefix="relay-bench-relay-")
+    log = Path(workdir.name) / "relay.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                f"127.0.0.1:{upstream_port}",
+                "--log-level",
+                "info",
+                *extra,
+            ],
+            stderr=sink,
+            text=True,
+            preexec_fn=_pin(cpus),
+        )
+    deadline = time.monotonic() + START_LIMIT
+    while time.monotonic() < deadline:
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
+        if match:
+            return Peer("relay", int(match.group(1)), process, workdir)
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    workdir.cleanup()
+    raise RuntimeError(f"{process.args!r} did not start")
 
 
 #: What both nginx configurations share: one worker, no daemon, no access log.

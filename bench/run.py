@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,8 @@ async def measure_held(
     summary = summarize(results, wall, cpu)
     summary["peak_rss_mb"] = peak
     summary["rss_kb_per_stream"] = (peak - baseline) * 1024 / streams
+    kinds = Counter((r.error or "")[:40] for r in results if r.error)
+    summary["error_kinds"] = dict(kinds.most_common(3))
     if admin_port and lag_before is not None:
         summary.update(loop_stall(lag_before, loop_lag_buckets(admin_port)))
     return summary
@@ -288,58 +291,66 @@ def held(
         print("fewer than 2 CPUs: skipping the held-streams run", file=sys.stderr)
         return out
     raise_own_nofile()
-    most = max(sizes)
     os.sched_setaffinity(0, {1})
     streamer = start_streamer({1})
-    admin = free_port()
-    peers: list[Peer] = []
     try:
-        peers.append(
-            start_relay(
-                streamer.port,
-                {0},
-                "--max-connections",
-                str(most + 100),
-                "--admin-listen",
-                f"127.0.0.1:{admin}",
-            )
-        )
-        nginx = start_nginx(streamer.port, {0}, connections=2 * most + 100)
-        if nginx is None:
-            print("nginx not installed: relay only", file=sys.stderr)
-        else:
-            peers.append(nginx)
         for n in sizes:
-            samples: dict[str, list[dict[str, Any]]] = {p.name: [] for p in peers}
-            for index in range(rounds):
-                order = peers if index % 2 == 0 else peers[::-1]
-                for peer in order:
-                    port = admin if peer.name == "relay" else None
-                    summary = run_loop(measure_held(peer, n, tokens, port))
-                    samples[peer.name].append(summary)
-                    print(
-                        f"  held N={n:<5} {peer.name:6} tokens={summary['tokens']:6} "
-                        f"errors={summary['errors']} added p50/p99/max="
-                        f"{summary['added_ms_p50']:.2f}/{summary['added_ms_p99']:.2f}/"
-                        f"{summary['added_ms_max']:.1f} ms "
-                        f"cpu={fmt(summary['cpu_us_per_token'])} us/token "
-                        f"rss={summary['rss_kb_per_stream']:.1f} KB/stream"
-                        + (
-                            f" lag>5ms={summary['lag_over_5ms']}/{summary['lag_ticks']} "
-                            f"max<={fmt(summary['lag_max_le_ms'], 1)} ms"
-                            if "lag_ticks" in summary
-                            else ""
-                        ),
-                        flush=True,
+            # Fresh peers for each N: memory per stream is measured from a clean start.
+            admin = free_port()
+            peers: list[Peer] = []
+            try:
+                peers.append(
+                    start_relay(
+                        streamer.port,
+                        {0},
+                        "--max-connections",
+                        str(n + 100),
+                        "--admin-listen",
+                        f"127.0.0.1:{admin}",
+                        log_to_file=True,
                     )
+                )
+                # Two per stream, and room for closing ones (nginx warns it reuses them).
+                nginx = start_nginx(streamer.port, {0}, connections=2 * n + 2000)
+                if nginx is None:
+                    print("nginx not installed: relay only", file=sys.stderr)
+                else:
+                    peers.append(nginx)
+                samples: dict[str, list[dict[str, Any]]] = {p.name: [] for p in peers}
+                for index in range(rounds):
+                    order = peers if index % 2 == 0 else peers[::-1]
+                    for peer in order:
+                        port = admin if peer.name == "relay" else None
+                        summary = run_loop(measure_held(peer, n, tokens, port))
+                        samples[peer.name].append(summary)
+                        print(held_line(n, peer.name, summary), flush=True)
+            finally:
+                for peer in peers:
+                    peer.stop()
             for name, values in samples.items():
                 out.setdefault(f"held N={n}", {})[name] = median_summary(values)
     finally:
-        for peer in peers:
-            peer.stop()
         streamer.stop()
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return out
+
+
+def held_line(n: int, name: str, summary: dict[str, Any]) -> str:
+    line = (
+        f"  held N={n:<5} {name:6} tokens={summary['tokens']:6} "
+        f"errors={summary['errors']} added p50/p99/max="
+        f"{summary['added_ms_p50']:.2f}/{summary['added_ms_p99']:.2f}/"
+        f"{summary['added_ms_max']:.1f} ms cpu={fmt(summary['cpu_us_per_token'])} us/token "
+        f"rss={summary['rss_kb_per_stream']:.1f} KB/stream"
+    )
+    if "lag_ticks" in summary:
+        line += (
+            f" lag>5ms={summary['lag_over_5ms']}/{summary['lag_ticks']}"
+            f" max<={fmt(summary['lag_max_le_ms'], 1)} ms"
+        )
+    if summary.get("error_kinds"):
+        line += f" errors: {summary['error_kinds']}"
+    return line
 
 
 def raise_own_nofile() -> None:

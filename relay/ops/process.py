@@ -8,6 +8,13 @@
 * **The collector.** What start-up allocated (modules, configuration, TLS
   contexts) lives as long as the process; :func:`freeze_startup` moves it out
   of the cyclic collector's generations, so no full collection walks it again.
+  relay's own objects are freed by reference counting (a test holds every
+  exchange ending to that), so a full collection finds nothing of relay's,
+  yet walks every object of every held stream: measured with 4000 held
+  streams, 45 ms during which no token moves, every few seconds of churn.
+  Full collections are therefore made ten times rarer (the third threshold,
+  gen-1 collections between full ones, from 10 to 100); young collections
+  stay as they are, as they are short and catch other code's cycles.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ log = logging.getLogger("relay.events")
 DESCRIPTORS_PER_STREAM = 2
 #: Listeners, the admin listener, logs, health checks, idle pooled connections.
 SPARE_DESCRIPTORS = 64
+#: Young collections between full ones (CPython's default is 10): see the module doc.
+FULL_COLLECTION_EVERY = 100
 #: Where the kernel's own ceiling (``/proc/sys/fs/nr_open``) cannot be read.
 _FALLBACK_CEILING = 1 << 20
 
@@ -72,6 +81,9 @@ def raise_nofile_limit(max_connections: int) -> int:
 
 
 def freeze_startup() -> None:
-    """Collect once, then keep what start-up allocated out of later collections."""
+    """Collect once, keep what start-up allocated out of later collections, and
+    make full collections rarer."""
     gc.collect()
     gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)

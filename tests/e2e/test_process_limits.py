@@ -88,13 +88,17 @@ def test_the_soft_descriptor_limit_is_raised_and_a_shortfall_named(max_connectio
 
 
 def test_what_start_up_allocated_is_kept_out_of_later_collections():
-    """After start-up the heap so far is frozen: later full collections do not walk it."""
+    """After start-up the heap so far is frozen (later full collections do not walk
+    it), and full collections are ten times rarer than CPython's default."""
     import gc
 
-    from relay.ops.process import freeze_startup
+    from relay.ops.process import FULL_COLLECTION_EVERY, freeze_startup
 
+    thresholds = gc.get_threshold()
     try:
         freeze_startup()
         assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (*thresholds[:2], FULL_COLLECTION_EVERY) == (700, 10, 100)
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
