@@ -23,6 +23,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def rss_mb(pid: int) -> float:
+    """VmRSS (resident set now) of one process, in MB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM (peak resident set) of one process, in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -56,6 +67,10 @@ class Peer:
 
     def peak_rss_mb(self) -> float:
         return max(peak_rss_mb(pid) for pid in self.all_pids())
+
+    def rss_mb(self) -> float:
+        """Resident set of the process and its children now (nginx: master and worker)."""
+        return sum(rss_mb(pid) for pid in self.all_pids())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -101,7 +116,14 @@ def start_streamer(cpus: set[int] | None = None) -> Peer:
     return Peer("streamer", int(match.group(1)), process)
 
 
-def start_relay(upstream_port: int, cpus: set[int] | None = None, *extra: str) -> Peer:
+def start_relay(
+    upstream_port: int, cpus: set[int] | None = None, *extra: str, log_to_file: bool = False
+) -> Peer:
+    """relay in front of ``upstream_port``. ``log_to_file``: its log goes to a file, as
+    to journald, not to a pipe this process drains (thousands of access lines at
+    once would fill a pipe and block relay on its writes, a bench artefact)."""
+    if log_to_file:
+        return _start_relay_logging_to_file(upstream_port, cpus, *extra)
     process = subprocess.Popen(
         [
             sys.executable,
@@ -129,13 +151,48 @@ def start_relay(upstream_port: int, cpus: set[int] | None = None, *extra: str) -
     return Peer("relay", int(match.group(1)), process)
 
 
+def _start_relay_logging_to_file(upstream_port: int, cpus: set[int] | None, *extra: str) -> Peer:
+    workdir = tempfile.TemporaryDirectory(prefix="relay-bench-relay-")
+    log = Path(workdir.name) / "relay.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                f"127.0.0.1:{upstream_port}",
+                "--log-level",
+                "info",
+                *extra,
+            ],
+            stderr=sink,
+            text=True,
+            preexec_fn=_pin(cpus),
+        )
+    deadline = time.monotonic() + START_LIMIT
+    while time.monotonic() < deadline:
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
+        if match:
+            return Peer("relay", int(match.group(1)), process, workdir)
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    workdir.cleanup()
+    raise RuntimeError(f"{process.args!r} did not start")
+
+
 #: What both nginx configurations share: one worker, no daemon, no access log.
 _NGINX_PREAMBLE = """\
 worker_processes 1;
+worker_rlimit_nofile {nofile};
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {connections}; }}
 http {{
   access_log off;
 """
@@ -213,15 +270,19 @@ def start_nginx(
     *,
     proxy_buffering: bool = False,
     http_extra: str = "",
+    connections: int = 8192,
 ) -> Peer | None:
     """nginx in front of ``upstream_port`` (None when nginx is not installed or fails).
 
-    ``http_extra`` goes into the ``http`` block (e.g. :data:`GZIP_EVENT_STREAMS`).
+    ``http_extra`` goes into the ``http`` block (e.g. :data:`GZIP_EVENT_STREAMS`);
+    ``connections`` is the worker's limit (a relayed stream takes two).
     """
     values = {
         "upstream": upstream_port,
         "buffering": "on" if proxy_buffering else "off",
         "http_extra": http_extra,
+        "connections": connections,
+        "nofile": connections + 64,
     }
     return _start_nginx_conf(NGINX_CONF, values, cpus, "nginx")
 
@@ -235,6 +296,7 @@ def _start_nginx_conf(
     workdir = tempfile.TemporaryDirectory(prefix="relay-bench-nginx-")
     port = free_port()
     conf = Path(workdir.name) / "nginx.conf"
+    values = {"connections": 8192, "nofile": 8192 + 64, **values}
     conf.write_text(template.format(dir=workdir.name, port=port, **values))
     process = subprocess.Popen(
         [binary, "-c", str(conf), "-e", f"{workdir.name}/error.log"],

@@ -2,6 +2,7 @@
 
     python -m bench.run            # everything, a few minutes on 2 cores
     python -m bench.run --quick    # the smallest scenario only (smoke test)
+    python -m bench.run --held     # only N held streams (1000, 4000, 8000), relay and nginx
 
 Writes bench/results/{results.json,results.md,timeline.png} and prints the
 table. Targets are reported as pass/fail lines, never asserted: they are
@@ -22,13 +23,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.loadclient import StreamResult, run_streams
+from bench.loadclient import StreamResult, run_held, run_streams
 from bench.peers import (
     CLOCK_TICKS,
     Peer,
+    free_port,
     start_nginx,
     start_origin,
     start_relay,
@@ -201,6 +205,215 @@ def saturation() -> dict[str, dict[str, Any]]:
         streamer.stop()
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return out
+
+
+#: Held streams: a long time to the first token (a reasoning model thinking, a
+#: queue) and slow tokens, so that thousands are open at once.
+HELD_SIZES = (1000, 4000, 8000)
+HELD_TOKENS = 20
+HELD_TTFT_MS = 1000.0
+HELD_GAP_MS = (500.0, 600.0)
+LAG_METRIC = re.compile(r'^relay_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', re.M)
+
+
+def loop_lag_buckets(admin_port: int) -> dict[float, float]:
+    """relay's cumulative ``relay_loop_lag_seconds`` buckets, from its admin /metrics."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {float(le): float(count) for le, count in LAG_METRIC.findall(text)}
+
+
+def loop_stall(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """From two bucket snapshots: ticks sampled, how many ran over 5 ms late, and the
+    bound of the highest bucket reached (the longest stall a tick saw, to a bucket)."""
+    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
+    ticks = delta.get(float("inf"), 0.0)
+    longest = next((le for le in sorted(delta) if delta[le] >= ticks), float("inf"))
+    return {
+        "lag_ticks": int(ticks),
+        "lag_over_5ms": int(ticks - delta.get(0.005, 0.0)),
+        "lag_max_le_ms": longest * 1000 if ticks else None,
+    }
+
+
+async def measure_held(
+    peer: Peer, streams: int, tokens: int, admin_port: int | None
+) -> dict[str, Any]:
+    """One held run through ``peer``: latency, CPU, resident memory per stream, loop lag."""
+    baseline = peer.rss_mb()
+    cpu_before = peer.cpu()
+    lag_before = loop_lag_buckets(admin_port) if admin_port else None
+    peak = baseline
+
+    async def sample_rss() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, peer.rss_mb())
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.create_task(sample_rss())
+    try:
+        results, wall = await run_held(
+            peer.port, streams, tokens, HELD_TTFT_MS, HELD_GAP_MS, ramp_s=max(1.0, streams / 4000)
+        )
+    finally:
+        sampler.cancel()
+    cpu = peer.cpu() - cpu_before
+    summary = summarize(results, wall, cpu)
+    summary["peak_rss_mb"] = peak
+    summary["rss_kb_per_stream"] = (peak - baseline) * 1024 / streams
+    kinds = Counter((r.error or "")[:40] for r in results if r.error)
+    summary["error_kinds"] = dict(kinds.most_common(3))
+    if admin_port and lag_before is not None:
+        summary.update(loop_stall(lag_before, loop_lag_buckets(admin_port)))
+    return summary
+
+
+def median_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure the median of the rounds' (the machine is noisy); lists from the first."""
+    out: dict[str, Any] = dict(rounds[0])
+    for key, value in rounds[0].items():
+        values = [r.get(key) for r in rounds]
+        if isinstance(value, (int, float)) and all(isinstance(v, (int, float)) for v in values):
+            out[key] = statistics.median(values)
+    out["rounds"] = len(rounds)
+    return out
+
+
+def held(
+    sizes: tuple[int, ...] = HELD_SIZES, tokens: int = HELD_TOKENS, rounds: int = 1
+) -> dict[str, dict[str, Any]]:
+    """N held streams through relay and nginx, proxy pinned to CPU 0, streamer and
+    load client on CPU 1; rounds alternate the peers."""
+    out: dict[str, dict[str, Any]] = {}
+    if len(os.sched_getaffinity(0)) < 2:
+        print("fewer than 2 CPUs: skipping the held-streams run", file=sys.stderr)
+        return out
+    raise_own_nofile()
+    os.sched_setaffinity(0, {1})
+    streamer = start_streamer({1})
+    try:
+        for n in sizes:
+            # Fresh peers for each N: memory per stream is measured from a clean start.
+            admin = free_port()
+            peers: list[Peer] = []
+            try:
+                peers.append(
+                    start_relay(
+                        streamer.port,
+                        {0},
+                        "--max-connections",
+                        str(n + 100),
+                        "--admin-listen",
+                        f"127.0.0.1:{admin}",
+                        log_to_file=True,
+                    )
+                )
+                # Two per stream, and room for closing ones (nginx warns it reuses them).
+                nginx = start_nginx(streamer.port, {0}, connections=2 * n + 2000)
+                if nginx is None:
+                    print("nginx not installed: relay only", file=sys.stderr)
+                else:
+                    peers.append(nginx)
+                samples: dict[str, list[dict[str, Any]]] = {p.name: [] for p in peers}
+                for index in range(rounds):
+                    order = peers if index % 2 == 0 else peers[::-1]
+                    for peer in order:
+                        port = admin if peer.name == "relay" else None
+                        summary = run_loop(measure_held(peer, n, tokens, port))
+                        samples[peer.name].append(summary)
+                        print(held_line(n, peer.name, summary), flush=True)
+            finally:
+                for peer in peers:
+                    peer.stop()
+            for name, values in samples.items():
+                out.setdefault(f"held N={n}", {})[name] = median_summary(values)
+    finally:
+        streamer.stop()
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return out
+
+
+def held_line(n: int, name: str, summary: dict[str, Any]) -> str:
+    line = (
+        f"  held N={n:<5} {name:6} tokens={summary['tokens']:6} "
+        f"errors={summary['errors']} added p50/p99/max="
+        f"{summary['added_ms_p50']:.2f}/{summary['added_ms_p99']:.2f}/"
+        f"{summary['added_ms_max']:.1f} ms cpu={fmt(summary['cpu_us_per_token'])} us/token "
+        f"rss={summary['rss_kb_per_stream']:.1f} KB/stream"
+    )
+    if "lag_ticks" in summary:
+        line += (
+            f" lag>5ms={summary['lag_over_5ms']}/{summary['lag_ticks']}"
+            f" max<={fmt(summary['lag_max_le_ms'], 1)} ms"
+        )
+    if summary.get("error_kinds"):
+        line += f" errors: {summary['error_kinds']}"
+    return line
+
+
+def raise_own_nofile() -> None:
+    """The load client and the streamer (a child) hold a socket per stream each."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def held_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| scenario | peer | tokens | errors | added p50 ms | added p99 ms | added max ms "
+        "| p99 vs nginx | loop lag > 5 ms (ticks) | longest lag ≤ ms | CPU µs/token "
+        "| CPU vs nginx | RSS KB/stream | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scenario, peers in results.items():
+        if not scenario.startswith("held "):
+            continue
+        nginx = peers.get("nginx", {})
+        for name, s in peers.items():
+            lag = f"{s['lag_over_5ms']} / {s['lag_ticks']}" if "lag_ticks" in s else "-"
+            lines.append(
+                f"| {scenario} | {name} | {s['tokens']:.0f} | {s['errors']:.0f} "
+                f"| {fmt(s['added_ms_p50'])} | {fmt(s['added_ms_p99'])} "
+                f"| {fmt(s['added_ms_max'], 1)} "
+                f"| {ratio(s['added_ms_p99'], nginx.get('added_ms_p99'))} | {lag} "
+                f"| {fmt(s.get('lag_max_le_ms'), 1)} | {fmt(s['cpu_us_per_token'])} "
+                f"| {ratio(s['cpu_us_per_token'], nginx.get('cpu_us_per_token'))} "
+                f"| {fmt(s['rss_kb_per_stream'], 1)} | {fmt(s['peak_rss_mb'], 1)} |"
+            )
+    return "\n".join(lines)
+
+
+def held_targets(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The held-stream targets, against nginx in the same run (reported, never asserted)."""
+    verdicts = []
+
+    def check(label: str, ok: bool | None, detail: str) -> None:
+        mark = "n/a " if ok is None else ("PASS" if ok else "MISS")
+        verdicts.append(f"{mark} {label}: {detail}")
+
+    for n in (4000, 8000):
+        peers = results.get(f"held N={n}", {})
+        if "relay" in peers and "nginx" in peers:
+            r, g = peers["relay"]["added_ms_p99"], peers["nginx"]["added_ms_p99"]
+            check(f"held N={n}: added p99 ≤ 2x nginx", r <= 2 * g, f"{r:.2f} vs {g:.2f} ms")
+            r, g = peers["relay"]["rss_kb_per_stream"], peers["nginx"]["rss_kb_per_stream"]
+            check(f"held N={n}: RSS per stream ≤ nginx", r <= g, f"{r:.1f} vs {g:.1f} KB")
+    peers = results.get("held N=8000", {})
+    if "relay" in peers and peers["relay"].get("lag_max_le_ms") is not None:
+        lag = peers["relay"]["lag_max_le_ms"]
+        check("held N=8000: no loop stall over 5 ms (tick lag)", lag <= 5, f"≤ {lag:g} ms")
+    peers = results.get("held N=4000", {})
+    if "relay" in peers and "nginx" in peers:
+        r, g = peers["relay"]["cpu_us_per_token"], peers["nginx"]["cpu_us_per_token"]
+        if r is None or g is None:
+            check("held N=4000: CPU per token ≤ 1.3x nginx", None, "not measured")
+        else:
+            check("held N=4000: CPU per token ≤ 1.3x nginx", r <= 1.3 * g, f"{r:.2f} vs {g:.2f} µs")
+    return verdicts
 
 
 WRK_POST = """\
@@ -465,8 +678,33 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only N=1 with 16 tokens, direct, relay and nginx (a smoke run of a few seconds)",
     )
+    parser.add_argument(
+        "--held",
+        action="store_true",
+        help="only the held-streams scenario (relay beside nginx, pinned), to held.{md,json}",
+    )
+    parser.add_argument(
+        "--held-sizes",
+        default=",".join(map(str, HELD_SIZES)),
+        help="held streams per run, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--held-tokens",
+        type=int,
+        default=HELD_TOKENS,
+        help="tokens per held stream (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--held-rounds",
+        type=int,
+        default=1,
+        help="rounds alternating the peers; each figure is the median (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
+    sizes = tuple(int(n) for n in args.held_sizes.split(",") if n.strip())
+    if args.held:
+        return held_only(sizes, args.held_tokens, args.held_rounds)
     print("paced streams (24 ms gaps, 250 ms to first token):", flush=True)
     results = paced(args.quick)
     if not args.quick:
@@ -476,16 +714,24 @@ def main(argv: list[str] | None = None) -> int:
         results.update(long_streams())
         print("per request (small POSTs, 50 keep-alive connections, proxy pinned):", flush=True)
         requests = per_request()
+        print("held streams (1 s to first token, 20 tokens 500-600 ms apart):", flush=True)
+        held_results = held(sizes, args.held_tokens, args.held_rounds)
     else:
         requests = {}
+        held_results = {}
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     streams = {k: v for k, v in results.items() if k != "100 x 500 tokens"}
     md = f"Run {stamp} on {machine}.\n\n{table(streams)}\n\n"
     if requests or "100 x 500 tokens" in results:
         md += cost_table({**results, **requests}) + "\n\n"
-    md += "\n".join(f"- {line}" for line in targets({**results, **requests}))
+    if held_results:
+        md += held_table(held_results) + "\n\n"
+    md += "\n".join(
+        f"- {line}" for line in targets({**results, **requests}) + held_targets(held_results)
+    )
     results.update(requests)
+    results.update(held_results)
     (RESULTS / "results.md").write_text(md + "\n")
     public = {
         k: {p: {m: v for m, v in s.items() if not m.startswith("_")} for p, s in peers.items()}
@@ -495,6 +741,27 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"date": stamp, "machine": machine, "results": public}, indent=2)
     )
     plot(results, RESULTS / "timeline.png")
+    print()
+    print(md)
+    return 0
+
+
+def held_only(sizes: tuple[int, ...], tokens: int, rounds: int) -> int:
+    """``--held``: the held-streams scenario alone, written to held.md and held.json."""
+    print(f"held streams (1 s to first token, {tokens} tokens 500-600 ms apart):", flush=True)
+    results = held(sizes, tokens, rounds)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    md = f"Run {stamp} on {machine}.\n\n{held_table(results)}\n\n"
+    md += "\n".join(f"- {line}" for line in held_targets(results))
+    (RESULTS / "held.md").write_text(md + "\n")
+    public = {
+        k: {p: {m: v for m, v in s.items() if not m.startswith("_")} for p, s in peers.items()}
+        for k, peers in results.items()
+    }
+    (RESULTS / "held.json").write_text(
+        json.dumps({"date": stamp, "machine": machine, "results": public}, indent=2)
+    )
     print()
     print(md)
     return 0

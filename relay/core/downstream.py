@@ -110,7 +110,7 @@ class ClientConnection(asyncio.Protocol):
             return
         state.connections.add(self)
         self._deadline = time.monotonic() + self.config.client_keepalive_timeout
-        state.ticker.watch(self)
+        state.ticker.schedule(self, self._deadline)
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
@@ -119,6 +119,7 @@ class ClientConnection(asyncio.Protocol):
             self._idle = False
             self._cycle_started = time.monotonic()
             self._deadline = self._cycle_started + self.config.client_head_timeout
+            self.state.ticker.schedule(self, self._deadline)  # may be before the keep-alive's
         if self._own_body:
             self._body_data(data)
             return
@@ -167,6 +168,9 @@ class ClientConnection(asyncio.Protocol):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                # h11 re-raises from a frame that holds the exception: without
+                # its traceback, no cycle is left for the collector.
+                exc.__traceback__ = None
                 self._protocol_error(exc)
                 return
             if event is h11.NEED_DATA:
@@ -444,6 +448,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._idle = True
             self._deadline = time.monotonic() + self.config.client_keepalive_timeout
+        self.state.ticker.schedule(self, self._deadline)
         if closed:
             self._h11.receive_data(b"")
         self._process()
@@ -517,11 +522,14 @@ class ClientConnection(asyncio.Protocol):
             self._linger.cancel()
             self._linger = None
 
-    def on_tick(self, now: float) -> None:
-        if self._closed or self.exchange is not None or not self._deadline or now < self._deadline:
-            return
+    def on_tick(self, now: float) -> float:
+        if self._closed or self.exchange is not None or not self._deadline:
+            return 0.0  # filed again when the exchange finishes
+        if now < self._deadline:
+            return self._deadline
         if self._idle:
             self.close()  # keep-alive expired: close quietly, as nginx does
-            return
+            return 0.0
         self.state.metrics.timeouts += 1
         self._refuse(None, RelayError(408, "request head not received in time", "timeout"))
+        return 0.0

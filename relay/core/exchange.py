@@ -30,6 +30,7 @@ import bisect
 import contextlib
 import enum
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -63,7 +64,7 @@ from ..http.modellist import merge_model_lists
 from ..http.outgoing import OutgoingRequest
 from ..http.requestplan import RequestPlan, plan_request
 from ..http.rewrite import InspectBudget
-from .accesslog import log_exchange
+from .accesslog import log_exchange, text_value
 from .admission import IGNORE_READ, Ticket
 from .fidelity import StreamWatch
 from .upstream import (
@@ -86,6 +87,12 @@ log = logging.getLogger("relay.events")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _monotonic = time.monotonic
+_perf_counter = time.perf_counter
+#: Body inspection per loop turn: scan steps per call, and the time after
+#: which the rest waits for the next turn (a step of bracket-dense JSON costs
+#: about half a microsecond, so one call stays well under a millisecond).
+INSPECT_STEPS = 1000
+INSPECT_TURN = 0.002
 _bisect_left = bisect.bisect_left
 _NOT_TRIED: frozenset[UpstreamPool] = frozenset()
 #: Lengths of the response field names relay reads: content-type, connection,
@@ -244,6 +251,8 @@ class Exchange:
         self._client_closes = plan.client_closes
         self._route_by_body = plan.route_by_body
         self._inspection: BodyInspection | None = None
+        self._scan_handle: asyncio.Handle | None = None  # the next scan turn
+        self._scan_behind = self._body_ended = False
         if plan.inspect:
             self._inspection = inspection = BodyInspection(
                 inspect_budget, config.model_map, must_read=plan.must_read_model
@@ -253,7 +262,7 @@ class Exchange:
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
-        self._ticker.watch(self)
+        self._rearm()  # the body deadline, while relay holds the body to read its model
         if self._route_by_body:
             # relay reads the whole (JSON) body before choosing an upstream,
             # so it invites the body itself, as nginx does.
@@ -344,6 +353,7 @@ class Exchange:
         self._head_bytes_in = 0
         # Reading the body resumes now; the client is not to blame for the wait.
         self._last_client_byte = self._sent_at = time.monotonic()
+        self._rearm()  # the head deadline (and the body's) start now
         if not self._expects_body or self._out.replay or self.request_complete:
             self._send_head()
         # Otherwise the head waits for the first body bytes: until h11 has
@@ -367,11 +377,14 @@ class Exchange:
         """A piece of the client's request body (called by the client connection)."""
         self.request_bytes += len(data)
         self._last_client_byte = time.monotonic()
-        if self._inspection is not None:
-            error = self._inspection.add(data)
+        inspection = self._inspection
+        if inspection is not None:
+            error = inspection.add(data)
             if error is not None:
                 self._inspection = None
                 self._fail(error)
+            elif self._scan_handle is None:
+                self._scan_turn()
             return
         out = self._out
         kept = out.remember(data)
@@ -386,9 +399,46 @@ class Exchange:
         else:
             upstream.transport.writelines(out.frames((data,)))
 
+    def _scan_turn(self) -> None:
+        """Scan the held body for one loop turn's budget; the rest on later turns.
+
+        A body that needs more than a turn (bracket-dense JSON costs a step
+        per bracket) must not hold every other stream. When a turn has used
+        its budget the client's reading is paused until the next loop turn
+        (the event loop would otherwise run many reads back to back in one
+        turn), so at most one read waits; while scanning is behind, the
+        client-body deadline does not run (relay is the late one).
+        """
+        self._scan_handle = None
+        inspection = self._inspection
+        if inspection is None or self.phase is Phase.DONE:
+            return
+        stop = _perf_counter() + INSPECT_TURN
+        done = inspection.scan(INSPECT_STEPS)
+        while not done and _perf_counter() < stop:
+            done = inspection.scan(INSPECT_STEPS)
+        if not done or _perf_counter() >= stop:
+            if not self._scan_behind:
+                self._scan_behind = True
+                self.client.hold_reading(True)
+            self._scan_handle = self._loop.call_soon(self._scan_turn)
+            return
+        if self._scan_behind:
+            self._scan_behind = False
+            self._last_client_byte = time.monotonic()
+            self.client.hold_reading(False)
+            self._rearm()  # the client-body deadline counts again
+        if self._body_ended:
+            self._body_ended = False
+            self.request_end()
+
     def request_end(self) -> None:
+        inspection = self._inspection
+        if inspection is not None and not inspection.scanned:
+            self._body_ended = True  # the last scan turn ends the request
+            return
         self.request_complete = True
-        inspection, self._inspection = self._inspection, None
+        self._inspection = None
         if inspection is not None:
             result = inspection.finish()
             if isinstance(result, RelayError):
@@ -444,11 +494,13 @@ class Exchange:
         # That pause is relay's doing, so the client's body deadline waits too.
         self._upstream_full_since = time.monotonic()
         self.client.hold_reading(True)
+        self._rearm()
 
     def upstream_resume_writing(self) -> None:
         self._upstream_full_since = None
         self._last_client_byte = time.monotonic()
         self.client.hold_reading(False)
+        self._rearm()  # the client-body deadline may be shorter than the upstream's
 
     # -- response (called by the upstream connection) ---------------------
     def upstream_data(self, data: bytes) -> None:
@@ -496,7 +548,13 @@ class Exchange:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._bad_gateway(f"upstream sent an invalid response head: {exc}")
+                # h11's text quotes the upstream's bytes in Python reprs: the
+                # client gets a fixed text, the log the detail (escaped).
+                detail = str(exc)
+                # h11 re-raises from a frame that holds the exception: without
+                # its traceback, no cycle is left for the collector.
+                exc.__traceback__ = None
+                self._bad_gateway("upstream sent an invalid response head", detail)
                 return
             if isinstance(event, h11.Response):
                 self._start_body(event, conn)
@@ -593,6 +651,7 @@ class Exchange:
             headers.append((b"connection", b"close"))
         head = response_head(status, event.reason, headers, http_version=client.http_version)
         self.phase = Phase.BODY
+        self._rearm()  # the idle and keep-alive deadlines may be shorter than the head's
         if leftover and framing == ClientFraming.SAME and not self._framer.complete:
             # The head and the first body bytes go out in one write.
             self._pending_head = head
@@ -670,8 +729,12 @@ class Exchange:
         self._end(Ending.UPSTREAM_CUT)
         self.client.close_truncated()
 
-    def _bad_gateway(self, reason: str) -> None:
-        log.warning("%s (%s)", reason, self._describe())
+    def _bad_gateway(self, reason: str, detail: str | None = None) -> None:
+        """502 with the fixed ``reason``; ``detail`` (the peer's words) is logged only."""
+        if detail is None:
+            log.warning("%s (%s)", reason, self._describe())
+        else:
+            log.warning("%s (%s): %s", reason, self._describe(), text_value(detail))
         self._fail(RelayError(502, reason, "bad_gateway"))
 
     def _fail(self, error: RelayError) -> None:
@@ -736,20 +799,68 @@ class Exchange:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+        scan, self._scan_handle = self._scan_handle, None
+        if scan is not None:
+            scan.cancel()
 
     # -- flow control from the client side ----------------------------------
     def client_pause_writing(self) -> None:
         self._client_paused_since = time.monotonic()
         if self._upstream is not None:
             self._upstream.pause_reading()
+        self._rearm()
 
     def client_resume_writing(self) -> None:
         self._client_paused_since = None
         if self._upstream is not None:
             self._upstream.resume_reading()
+        self._rearm()  # the idle deadline counts again, from the last upstream byte
 
     # -- deadlines (checked by the server's ticker) --------------------------
-    def on_tick(self, now: float) -> None:
+    def _rearm(self) -> None:
+        """File this exchange with the ticker at its earliest deadline.
+
+        Called where a deadline may move earlier (a new phase, a pause);
+        deadlines that move later (every read) are found when the filed time
+        comes and :meth:`on_tick` files the exchange again.
+        """
+        self._ticker.schedule(self, self._next_deadline())
+
+    def _next_deadline(self) -> float:
+        """The earliest time one of this exchange's deadlines falls due (0: none)."""
+        phase = self.phase
+        if phase is Phase.DONE:
+            return 0.0
+        cfg = self.config
+        due = math.inf
+        if not self.request_complete:
+            full = self._upstream_full_since
+            if full is not None:
+                due = full + cfg.upstream_idle_timeout
+            elif self._reading_body():
+                due = self._last_client_byte + cfg.client_body_timeout
+        if phase is Phase.WAITING:
+            due = min(due, self._sent_at + cfg.upstream_head_timeout)
+        elif phase is Phase.BODY:
+            paused = self._client_paused_since
+            if paused is not None:
+                due = min(due, paused + cfg.client_send_timeout)
+            else:
+                last = self._last_upstream_byte
+                due = min(due, last + cfg.upstream_idle_timeout)
+                if self._fid.keepalive_on:
+                    due = min(due, self._fid.keepalive_due(last))
+        return 0.0 if due == math.inf else due
+
+    def _reading_body(self) -> bool:
+        """Whether relay reads the request body now. While it does not (waiting for
+        a connection or a --max-inflight slot, or scanning behind), the client
+        is not late."""
+        if self._scan_behind:
+            return False
+        return self._upstream is not None or self._inspection is not None
+
+    def on_tick(self, now: float) -> float:
         cfg = self.config
         phase = self.phase
         if not self.request_complete:
@@ -758,14 +869,15 @@ class Exchange:
                 self.metrics.timeouts += 1
                 message = "upstream stopped reading the request body"
                 self._fail(RelayError(504, message, "upstream_timeout"))
-                return
-            # While relay itself does not read the body (waiting for a connection
-            # or a --max-inflight slot), the client is not late.
-            reading = self._upstream is not None or self._inspection is not None
-            if full is None and reading and now - self._last_client_byte >= cfg.client_body_timeout:
+                return 0.0
+            if (
+                full is None
+                and self._reading_body()
+                and now - self._last_client_byte >= cfg.client_body_timeout
+            ):
                 self.metrics.timeouts += 1
                 self._fail(RelayError(408, "client sent the request body too slowly", "timeout"))
-                return
+                return 0.0
         if phase is Phase.WAITING and now - self._sent_at >= cfg.upstream_head_timeout:
             self.metrics.timeouts += 1
             self._fail(RelayError(504, "upstream did not answer in time", "upstream_timeout"))
@@ -782,6 +894,7 @@ class Exchange:
                 self._cut("upstream idle timeout mid-body")
             elif self._fid.keepalive_on:  # an SSE keep-alive comment may be due
                 self._fid.keepalive(self.client.transport.write, now, self._last_upstream_byte)
+        return self._next_deadline()
 
     def _describe(self) -> str:
         return f"{self.request.method.decode('ascii', 'replace')} {self.request.target!r}"
@@ -808,7 +921,6 @@ class ModelListAnswer(Exchange):
     answers the merged list itself."""
 
     def start(self) -> None:
-        self._ticker.watch(self)
         self._task = self._loop.create_task(self._answer_model_list())
 
     @property

@@ -152,6 +152,10 @@ class StreamWatch:
         """Whether this response may get keep-alive comments."""
         return bool(self._keepalive_bytes)
 
+    def keepalive_due(self, last_upstream_byte: float) -> float:
+        """When the next keep-alive comment may be due (see :meth:`keepalive`)."""
+        return max(last_upstream_byte, self.keepalive_at) + self.keepalive_every
+
     def keepalive(
         self, write: Callable[[bytes], object], now: float, last_upstream_byte: float
     ) -> None:

@@ -28,6 +28,9 @@ GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 
 # departed client's upstream (relay closes it in the same callback: microseconds).
 BACKLOG_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144)
 CANCEL_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
+# Seconds the loop ran its deadline tick late: every stream waits that on top
+# of its own work, so the buckets start below a token gap.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Histogram:
@@ -91,6 +94,7 @@ class Metrics:
     time_to_head: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     time_to_first_byte: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     upstream_read_gap: Histogram = field(default_factory=lambda: Histogram(GAP_BUCKETS))
+    loop_lag: Histogram = field(default_factory=lambda: Histogram(LAG_BUCKETS))
     # Keys, limits and usage. Labels are bounded: key names (or
     # "anonymous"), configured model names (others are "other"), fixed words.
     tokens: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # key, model, kind
@@ -250,6 +254,9 @@ _HISTOGRAMS = [
      "Request sent to the first upstream body byte (TTFT as relay sees it)."),
     ("relay_upstream_read_gap_seconds", "upstream_read_gap",
      "Gap between consecutive upstream body reads (inter-token latency)."),
+    ("relay_loop_lag_seconds", "loop_lag",
+     "How late the event loop ran relay's deadline tick (sampled on every tick): "
+     "what every stream waits on top of its own work."),
 ]  # fmt: skip
 _FIDELITY_COUNTERS = {
     "relay_coalesced_reads_total": (

@@ -27,8 +27,10 @@ __all__ = ["RelayServer", "loop_factory", "run"]
 
 log = logging.getLogger("relay.events")
 
-#: Listen backlog: bursts of new streams must queue in the kernel, not fail.
-BACKLOG = 2048
+#: Listen backlog: bursts of new streams must queue in the kernel, not fail
+#: (thousands of held streams reconnect at once after a restart). The kernel
+#: caps it at net.core.somaxconn (4096 on current Linux), as for nginx.
+BACKLOG = 4096
 #: TLS listener: connections taken per wakeup, and the pause after accept fails (EMFILE).
 ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 1.0

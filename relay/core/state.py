@@ -83,7 +83,7 @@ class ServerState:
             )
         self.keys = KeyRing(load_keys(config))
         # One periodic check for every deadline of this server.
-        self.ticker = Ticker(tick_interval(config))
+        self.ticker = Ticker(tick_interval(config), lag=self.metrics.loop_lag)
         # Request bodies held to read their model, all together.
         self.inspect_budget = InspectBudget(config.max_inspect_bytes)
         # Per-key limits, the --max-inflight queues, usage.

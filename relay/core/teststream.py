@@ -126,7 +126,6 @@ class TestStream(Exchange):
     # -- the request ------------------------------------------------------------
     def start(self) -> None:
         self._send_continue()
-        self._ticker.watch(self)
 
     @property
     def ready_for_body(self) -> bool:
@@ -230,6 +229,7 @@ class TestStream(Exchange):
         self._fid.head(200, base, body, framing, None)  # whole events: always a boundary
         self._events = EventBuilder(settings, chat=self._chat, model=TEST_MODEL, include_usage=True)
         self.phase = Phase.BODY
+        self._rearm()  # the client-send and keep-alive deadlines
         self._next_at = self._loop.time() + settings.ttft
         self._tick_handle = self._loop.call_at(self._next_at, self._tick)
 

@@ -336,19 +336,18 @@ class UpstreamPool:
         conn.state = State.IDLE
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
-        self._ticker.watch(self)
+        self._ticker.schedule(self, conn.idle_since + self._idle_limit)
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Close an ``ACTIVE`` connection that must never be reused."""
         self.release(conn, reusable=False)
 
-    def on_tick(self, now: float) -> None:
+    def on_tick(self, now: float) -> float:
         """Close the connections idle for too long (the oldest are first)."""
         idle = self._idle
         while idle and now - idle[0].idle_since >= self._idle_limit:
             idle[0].close()  # forget() takes it off the list
-        if not idle:
-            self._ticker.unwatch(self)
+        return idle[0].idle_since + self._idle_limit if idle else 0.0
 
     def forget(self, conn: UpstreamConnection) -> None:
         """Drop ``conn`` from the idle list (it closed or expired)."""

@@ -1,11 +1,11 @@
 """Sans-IO: a request body held whole so that relay can read (and rewrite) its model.
 
 Aliasing, pinning and routing need the model a JSON body names before the
-body may go upstream. The body is scanned chunk by chunk as it arrives (the
-work per read is proportional to the read, so one huge body never stalls
-other streams), held within a server-wide budget, and at its end the model
-value is spliced in place: the held pieces go out with only that span
-replaced, never joined into one buffer.
+body may go upstream. The body is held within a server-wide budget and scanned
+in bounded steps (:meth:`BodyInspection.scan`): the caller scans a few
+thousand steps per loop turn, so one huge or bracket-dense body never stalls
+other streams. At its end the model value is spliced in place: the held
+pieces go out with only that span replaced, never joined into one buffer.
 """
 
 from __future__ import annotations
@@ -53,15 +53,25 @@ class BodyInspection:
         self._must_read = must_read
 
     def add(self, data: bytes) -> RelayError | None:
-        """Hold and scan one more piece; an error when the budget cannot take it."""
+        """Hold one more piece, queued for :meth:`scan`; an error when the budget
+        cannot take it."""
         hold = self._hold
         if not hold.add(len(data)):
             alone_too_big = hold.size + len(data) > hold.limit
             hold.release()
             return TOO_LARGE if alone_too_big else TOO_MANY
         self.pieces.append(data)
-        self._scanner.feed(data)
+        self._scanner.add(data)
         return None
+
+    def scan(self, steps: int) -> bool:
+        """Scan held bytes for at most about ``steps`` steps; whether all are scanned."""
+        return self._scanner.advance(steps)
+
+    @property
+    def scanned(self) -> bool:
+        """Whether every held byte has been scanned (``finish`` then costs little)."""
+        return not self._scanner.pending
 
     def finish(self) -> Rewrite | RelayError:
         """The body is complete: the pieces to send (model rewritten), or an error."""

@@ -35,6 +35,8 @@ from __future__ import annotations
 import enum
 import json
 import re
+import sys
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -87,6 +89,9 @@ MAX_KEY_BYTES = 32
 #: Longest raw ``model`` value relay decodes. Model names are short; a longer
 #: value is unreadable rather than a reason to decode megabytes on the loop.
 MAX_MODEL_VALUE_BYTES = 64 * 1024
+#: Most bytes one scan step looks at: a regular expression crossing a long
+#: run is one step, and stays under a millisecond.
+SCAN_WINDOW = 64 * 1024
 #: Deepest nesting relay follows. Python's ``json`` fails (RecursionError)
 #: just below 1000 levels, so an upstream on it rejects such a body anyway.
 MAX_DEPTH = 1000
@@ -126,6 +131,14 @@ _WS = re.compile(rb"[ \t\n\r]*+")
 _STRING_REST = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+', re.DOTALL)
 # Inside a nested value: everything up to the next bracket, whole strings included.
 _NESTED_SKIP = re.compile(rb'(?:[^"\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL)
+# The same, also crossing innermost pairs without strings (``{}``, ``[1,2]``):
+# they leave the depth as it was, and JSON dense with them would otherwise
+# cost a Python step per bracket. Used below MAX_DEPTH only, where a pair
+# crossed cannot be the level that goes too deep.
+_NESTED_SKIP_PAIRS = re.compile(
+    rb'(?:[^"\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+"|\{[^"\[\]{}]*+\}|\[[^"\[\]{}]*+\])*+',
+    re.DOTALL,
+)
 _SCALAR = re.compile(rb"[^ \t\n\r,}]*+")
 
 # States of the top-level object reader.
@@ -143,6 +156,14 @@ class ModelScanner:
     gives the same answer), then call :meth:`finish`. Memory held is bounded
     by :data:`MAX_MODEL_VALUE_BYTES` plus a few bytes; the body itself is not
     kept.
+
+    Work in bounded steps: :meth:`add` queues a piece without scanning it,
+    and :meth:`advance` scans queued bytes for at most a given number of
+    steps (one step is one structural token or one run between them, which
+    a regular expression crosses at C speed). Bracket-dense JSON such as
+    ``[{},{},...]`` costs a step per bracket, so a caller on an event loop
+    scans a few thousand steps per turn and lets other work run between
+    turns. The queue holds references to the caller's pieces, not copies.
     """
 
     def __init__(self) -> None:
@@ -160,25 +181,50 @@ class ModelScanner:
         self._key_is_model = False
         self._value_start = 0
         self._found: tuple[int, int, bytes | None] | None = None
+        self._queue: deque[tuple[bytes, int]] = deque()  # (piece, offset scanned to)
 
     # -- public ----------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """Scan the next ``data`` of the body."""
-        if self._status is not None:
-            return  # settled: the rest cannot change the answer
-        if not self._encoding_known:
-            # json.detect_encoding looks at the first four bytes.
-            self._prefix += data
-            if len(self._prefix) < 4:
-                return
-            data, self._prefix = self._decide_encoding(self._prefix), b""
-        self._scan(data)
+        """Scan the next ``data`` of the body (and anything still queued), all of it."""
+        self.add(data)
+        self.advance(sys.maxsize)
+
+    def add(self, data: bytes) -> None:
+        """Queue the next ``data`` of the body, to be scanned by :meth:`advance`."""
+        if self._status is None and data:
+            self._queue.append((data, 0))
+
+    @property
+    def pending(self) -> bool:
+        """Whether queued bytes wait to be scanned."""
+        return bool(self._queue)
+
+    def advance(self, steps: int) -> bool:
+        """Scan queued bytes for at most about ``steps`` steps; whether all are scanned."""
+        queue = self._queue
+        while queue and steps > 0:
+            if self._status is not None:
+                queue.clear()  # settled: the rest cannot change the answer
+                break
+            data, start = queue.popleft()
+            if not self._encoding_known:
+                # json.detect_encoding looks at the first four bytes.
+                self._prefix += data[start:]
+                if len(self._prefix) < 4:
+                    continue
+                data, start, self._prefix = self._decide_encoding(self._prefix), 0, b""
+            window = min(len(data), start + SCAN_WINDOW)  # bounds a regex step's bytes
+            end, steps = self._scan(data, start, steps, window)
+            if end < len(data):
+                queue.appendleft((data, end))
+        return not queue
 
     def finish(self) -> ModelScan:
-        """The answer for the whole body fed so far."""
+        """The answer for the whole body fed so far (what is queued is scanned now)."""
+        self.advance(sys.maxsize)
         if not self._encoding_known:
             data, self._prefix = self._decide_encoding(self._prefix), b""
-            self._scan(data)
+            self._scan(data, 0, sys.maxsize, len(data))
         status = self._status
         if status is None:
             if self._state != _AFTER:
@@ -249,18 +295,23 @@ class ModelScanner:
         self._state = _COMMA_OR_END
         self._inner = _NONE
 
-    def _scan(self, data: bytes) -> None:
-        n = len(data)
-        pos = 0
-        cap_from = 0  # where this chunk's part of a capture starts
+    def _scan(self, data: bytes, pos: int, steps: int, n: int) -> tuple[int, int]:
+        """Scan ``data[pos:n]`` for at most ``steps`` steps: where it stopped, and
+        the steps left. Stopping anywhere (``n`` included) is a split point."""
+        start = pos
+        base = self._offset - pos  # the absolute offset of data[0]
+        cap_from = pos  # where this chunk's part of a capture starts
         while pos < n and self._status is None:
+            if steps <= 0:
+                break
+            steps -= 1
             inner = self._inner
             if inner in (_IN_KEY, _IN_STRING_VALUE, _IN_NESTED_STRING):
                 if self._escape_pending:
                     self._escape_pending = False
                     pos += 1  # the escaped byte
                     continue
-                match = _STRING_REST.match(data, pos)
+                match = _STRING_REST.match(data, pos, n)
                 assert match is not None  # the pattern matches the empty string
                 pos = match.end()
                 if pos == n:
@@ -273,12 +324,13 @@ class ModelScanner:
                 if inner == _IN_KEY:
                     self._end_key(data[cap_from:pos])
                 elif inner == _IN_STRING_VALUE:
-                    self._end_value(data[cap_from:pos], self._offset + pos)
+                    self._end_value(data[cap_from:pos], base + pos)
                 else:
                     self._inner = _IN_NESTED
                 continue
             if inner == _IN_NESTED:
-                match = _NESTED_SKIP.match(data, pos)
+                skip = _NESTED_SKIP_PAIRS if self._depth < MAX_DEPTH else _NESTED_SKIP
+                match = skip.match(data, pos, n)
                 assert match is not None
                 pos = match.end()
                 if pos == n:
@@ -294,17 +346,17 @@ class ModelScanner:
                 else:
                     self._depth -= 1
                     if self._depth == 0:
-                        self._end_value(data[cap_from:pos], self._offset + pos)
+                        self._end_value(data[cap_from:pos], base + pos)
                 continue
             if inner == _IN_SCALAR:
-                match = _SCALAR.match(data, pos)
+                match = _SCALAR.match(data, pos, n)
                 assert match is not None
                 pos = match.end()
                 if pos < n:
-                    self._end_value(data[cap_from:pos], self._offset + pos)
+                    self._end_value(data[cap_from:pos], base + pos)
                 continue
             # Between tokens of the top-level object.
-            match = _WS.match(data, pos)
+            match = _WS.match(data, pos, n)
             assert match is not None
             pos = match.end()
             if pos == n:
@@ -338,7 +390,7 @@ class ModelScanner:
                 if byte in b",}]:":
                     self._settle(ScanStatus.INVALID)
                     break
-                self._value_start = self._offset + pos
+                self._value_start = base + pos
                 if self._key_is_model:
                     self._begin_capture(MAX_MODEL_VALUE_BYTES)
                     cap_from = pos
@@ -362,8 +414,9 @@ class ModelScanner:
             else:  # _AFTER: only whitespace may follow the object
                 self._settle(ScanStatus.INVALID)
         if self._capture is not None and self._status is None:
-            self._append(data[cap_from:])
-        self._offset += n
+            self._append(data[cap_from:pos])
+        self._offset += pos - start
+        return pos, steps
 
 
 def scan_body(body: bytes) -> ModelScan:

@@ -24,6 +24,7 @@ from ..http.auth import NamedKey
 from ..http.limits import KeyLimits
 from . import systemd
 from .admin import AdminConnection, StateSource
+from .process import freeze_startup, raise_nofile_limit
 
 __all__ = ["ParentChannel", "describe_start", "open_to_anyone", "preflight", "serve"]
 
@@ -176,6 +177,7 @@ async def serve(
     to its parent over that socket (ready, metrics, pings) instead of to the
     service manager, and drains when the parent says so or goes away.
     """
+    raise_nofile_limit(config.max_connections)
     activated = list(sockets) or systemd.listen_sockets()
     try:
         server = await RelayServer.start(
@@ -203,6 +205,7 @@ async def serve(
             config, server.addresses, admin if parent is None else "in the parent", keys, how
         ),
     )
+    freeze_startup()
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     signals = 0

@@ -260,7 +260,12 @@ async def start_streamer(
 
 
 async def _serve(host: str, port: int, settings: StreamerSettings) -> int:
+    from ..ops.process import freeze_startup
+
     streamer = await start_streamer(host, port, settings)
+    # As relay does: a full collection over thousands of streams would pause the
+    # tokens, then send them in a burst that the proxy under test gets blamed for.
+    freeze_startup()
     print(f"streamer listening on {streamer.url}", flush=True)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()

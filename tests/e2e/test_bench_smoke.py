@@ -89,3 +89,26 @@ def test_bench_help_lists_its_flags_on_separate_lines():
     assert result.returncode == 0
     assert "\n    python -m bench.run --quick    # " in result.stdout
     assert re.search(r"\n  --quick\s+only N=1", result.stdout)
+
+
+@pytest.mark.timeout(120)
+def test_a_tiny_held_run_measures_relay_beside_nginx():
+    """`python -m bench.run --held` with a few short streams measures relay (and nginx
+    when installed): every token arrives, relay's loop lag is sampled, and the memory
+    per held stream is a figure."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--held", "--held-sizes", "10", "--held-tokens", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads((ROOT / "bench" / "results" / "held.json").read_text())
+    peers = document["results"]["held N=10"]
+    assert "relay" in peers
+    for summary in peers.values():
+        assert (summary["errors"], summary["tokens"]) == (0, 30)
+        assert summary["rss_kb_per_stream"] >= 0
+    assert peers["relay"]["lag_ticks"] > 0
+    assert "held N=10" in (ROOT / "bench" / "results" / "held.md").read_text()

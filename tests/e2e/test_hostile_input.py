@@ -336,3 +336,94 @@ def test_a_huge_aliased_body_does_not_stall_other_streams(loop_kind):
             b_writer.close()
 
     run(loop_kind, main, limit=50)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nBad Header Line\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\nConnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Evil: a\x00b\r\n\r\n",
+    ],
+)
+def test_a_bad_upstream_head_gets_a_fixed_502_text_and_the_detail_goes_to_the_log(
+    loop_kind, head, caplog
+):
+    """The client's 502 names the problem in relay's words, never h11's text or a
+    Python repr of the upstream's bytes; the detail is in relay's log, escaped."""
+    caplog.set_level(logging.WARNING, logger="relay")
+
+    async def bad_head(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(head)
+        await writer.drain()
+
+    async def main():
+        async with setup(bad_head) as (_up, relay):
+            reader, writer = await connect(relay)
+            writer.write(request_bytes(body=b"{}"))
+            data = await read_to_eof(reader)
+            writer.close()
+            assert data.startswith(b"HTTP/1.1 502 "), data
+            error = _error(data)
+            assert error == {
+                "message": "upstream sent an invalid response head",
+                "type": "server_error",
+                "code": "bad_gateway",
+            }, error
+
+    run(loop_kind, main)
+    lines = [r.getMessage() for r in caplog.records if "invalid response head" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "\x00" not in lines[0] and "\n" not in lines[0]
+    assert "Bad Header" in lines[0] or "_SWITCH_UPGRADE" in lines[0] or "\\x00" in lines[0], lines
+
+
+@pytest.mark.parametrize(("pattern", "size"), [(b"{},", 8_000_000), (b"[[]],", 3_000_000)])
+def test_a_bracket_dense_aliased_body_is_scanned_in_bounded_turns(loop_kind, pattern, size):
+    """A body of ``{},{},...`` (or of ``[[]],...``, a Python step per outer bracket)
+    read for its model holds the loop for a few milliseconds at a time, never for
+    a read's worth of brackets; its forwarded bytes are the client's with only
+    the model changed."""
+    body = b'{"model":"gpt-4o","messages":[' + pattern * (size // len(pattern)) + b'{}],"n":1}'
+    expected = body.replace(b'"model":"gpt-4o"', b'"model":"GLM"', 1)
+
+    async def upstream(reader, writer, up):
+        # relay connects at once and sends when the body is read: a long wait here.
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        up.forwarded = await asyncio.wait_for(reader.readexactly(length), 60)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        await writer.drain()
+
+    async def main():
+        async with setup(upstream, model_map=ALIASES) as (up, relay):
+            stalls: list[float] = []
+            done = asyncio.Event()
+
+            async def watch_loop():
+                last = time.perf_counter()
+                while not done.is_set():
+                    await asyncio.sleep(0)
+                    now = time.perf_counter()
+                    stalls.append(now - last)
+                    last = now
+
+            watcher = asyncio.create_task(watch_loop())
+            reader, writer = await connect(relay)
+            head = request_bytes("/big", b"", extra=b"Connection: close\r\n")
+            writer.write(head.replace(b"Length: 0", b"Length: %d" % len(body)))
+            for offset in range(0, len(body), 256 * 1024):
+                writer.write(body[offset : offset + 256 * 1024])
+                await writer.drain()
+            answer = await asyncio.wait_for(read_to_eof(reader), 60)
+            done.set()
+            await watcher
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            assert len(up.forwarded) == len(expected)
+            assert up.forwarded == expected
+            # Unbounded, one 256 KB read of ``[[]],...`` held the loop for about 0.1 s.
+            assert max(stalls) < 0.05, sorted(stalls)[-5:]
+
+    run(loop_kind, main, limit=90)

@@ -92,6 +92,53 @@ def test_every_split_point_gives_the_same_answer(body, status, value):
         assert scan_in_pieces([body[i : i + 1] for i in range(len(body))]) == whole
 
 
+@pytest.mark.parametrize(("body", "status", "value"), CORPUS)
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_scanning_in_bounded_steps_gives_the_same_answer(body, status, value, steps):
+    """Queued pieces scanned a few steps at a time (stopping anywhere inside a piece)
+    give the answer of one whole scan."""
+    whole = scan_body(body)
+    scanner = ModelScanner()
+    first = min(7, len(body))
+    middle = max(first, len(body) // 2)
+    for piece in (body[:first], body[first:middle], body[middle:]):
+        scanner.add(piece)
+        scanner.advance(steps)
+    calls = 0
+    while not scanner.advance(steps):
+        calls += 1
+        assert calls <= len(body) + 1, "no progress"
+    assert not scanner.pending
+    assert scanner.finish() == whole
+
+
+def test_one_advance_of_bracket_dense_json_does_a_bounded_part_of_it():
+    """``[[]],[[]],...`` costs a step per outer bracket: one call scans a few bytes
+    per step, not the whole piece, and the piece queued is not copied."""
+    body = b'{"model":"a","messages":[' + b"[[]]," * 200_000 + b'{}],"x":1}'
+    scanner = ModelScanner()
+    scanner.add(body)
+    assert not scanner.advance(1000)
+    assert scanner._queue[0][0] is body
+    assert scanner._queue[0][1] < 1000 * 5
+    while not scanner.advance(1000):
+        pass
+    result = scanner.finish()
+    assert (result.status, result.value) == (FOUND, "a")
+
+
+def test_innermost_pairs_are_crossed_in_one_step():
+    """``[{},{},...]`` and ``[[1,2],[3,4],...]`` leave the depth as it was: a few
+    steps per window cross a megabyte of them."""
+    for pattern in (b"{},", b"[1,2],", b"[ ],{\n},"):
+        body = b'{"messages":[' + pattern * 200_000 + b'{}],"model":"a"}'
+        scanner = ModelScanner()
+        scanner.add(body)
+        assert scanner.advance(100), pattern  # about one step per 64 KB window
+        result = scanner.finish()
+        assert (result.status, result.value, json.loads(body)["model"]) == (FOUND, "a", "a")
+
+
 def test_utf16_and_utf32_bodies_are_json_to_python_but_unreadable_to_relay():
     """The encodings json.loads auto-detects beyond UTF-8 are flagged, not read as no model."""
     for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
