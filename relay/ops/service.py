@@ -8,6 +8,7 @@ and, for a worker of ``--workers N``, the channel to its parent.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -40,8 +41,21 @@ def preflight(config: Config) -> None:
     """Load every file the config names, and try the admin port, so that a bad
     one fails at start with its flag."""
     ServerState(config)
+    if config.otel and (missing := _missing_otel()) is not None:
+        raise ConfigError("--otel", f"needs {missing}: pip install 'relay[otel]'")
     if config.admin_listen is not None:
         _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
+
+
+def _missing_otel() -> str | None:
+    """The OpenTelemetry package ``--otel`` needs and is not installed, or None."""
+    for module in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"):
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except ModuleNotFoundError:  # its parent package is missing
+            return module
+    return None
 
 
 def _try_bind(host: str | None, port: int, flag: str, config: Config) -> None:
