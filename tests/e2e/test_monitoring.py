@@ -9,6 +9,7 @@ typo in a panel fails here, not on an operator's screen.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "relay.rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "relay.rules.test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "relay.json"
+RENDER = ROOT / "deploy" / "grafana" / "render.py"
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
 # Grafana's variables, as a dashboard user with everything selected has them.
@@ -221,7 +223,7 @@ def stream_request(**fields: Any) -> dict[str, Any]:
     }
 
 
-def slow_reader(relay: RelayThread) -> None:
+def slow_reader(relay: RelayThread, headers: bytes = b"") -> None:
     """A client that reads nothing until relay had to queue its tokens: coalesced reads.
 
     10 MB, 8 kB a token, paced so each read is one token: more than the kernel
@@ -234,7 +236,7 @@ def slow_reader(relay: RelayThread) -> None:
     ).encode()
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n%b\r\n" % (len(body), headers)
     )
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -300,7 +302,9 @@ def monitored(tmp_path: Path) -> Iterator[tuple[RelayThread, Prometheus]]:
 
 @needs_prometheus
 @pytest.mark.slow
-def test_every_dashboard_query_parses_and_returns_data_from_a_real_prometheus(monitored):
+def test_every_dashboard_query_parses_and_returns_data_from_a_real_prometheus(
+    monitored: tuple[RelayThread, Prometheus], tmp_path: Path
+) -> None:
     """A real Prometheus scrapes a relay carrying streams (queued, cut, left, slow, failed):
     every panel's query parses and returns data, and the rules file loads and evaluates."""
     relay, prometheus = monitored
@@ -328,6 +332,20 @@ def test_every_dashboard_query_parses_and_returns_data_from_a_real_prometheus(mo
         assert rule["health"] == "ok", rule
     up = prometheus.query('up{job="relay"}')["data"]["result"]
     assert [sample["value"][1] for sample in up] == ["1"]
+    render_check(prometheus, tmp_path)
+
+
+def render_check(prometheus: Prometheus, tmp_path: Path) -> None:
+    """deploy/grafana/render.py draws the dashboard from the same Prometheus."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return  # the renderer is optional (relay[bench]); the queries are checked above
+    spec = importlib.util.spec_from_file_location("render", RENDER)
+    assert spec is not None and spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    out = tmp_path / "dashboard.png"
+    render.render(prometheus.url, out, minutes=0.5, rate_interval="10s")
+    assert out.read_bytes().startswith(b"\x89PNG")
 
 
 def evaluated(rule: dict[str, Any]) -> bool:
