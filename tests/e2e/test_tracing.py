@@ -322,3 +322,49 @@ def test_otel_without_the_sdk_is_a_one_line_error_naming_the_flag() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "--otel" in lines[0] and "relay[otel]" in lines[0]
+
+
+def test_each_worker_exports_its_own_spans(receiver: Receiver) -> None:
+    """With --workers 2 every worker traces its exchanges and exports them; the parent,
+    which serves no exchange, starts no tracer."""
+    upstream = SGLangServer().start()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream.url,
+            "--workers",
+            "2",
+            "--otel",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        lines: list[str] = []
+        while not any("listening on" in line for line in lines):
+            line = process.stderr.readline()  # bounded: the workers start or exit
+            assert line, "".join(lines)
+            lines.append(line)
+        port = int(lines[-1].split("listening on 127.0.0.1:")[1].split(",")[0])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT) as client:
+            for _ in range(6):
+                answer = client.post("/v1/chat/completions", json=chat(stream=False))
+                assert answer.status_code == 200
+        eventually(lambda: receiver.span_count() == 6, WAIT)
+    finally:
+        process.terminate()
+        _, rest = process.communicate(timeout=WAIT)
+        upstream.stop()
+    assert process.returncode == 0
+    logged = lines + rest.splitlines()
+    (started,) = [line for line in logged if "started 2 workers" in line]  # the parent's line
+    parent = started.split("[")[1].split("]")[0]
+    traced = [line for line in logged if "tracing on" in line]
+    assert traced and not any(f"[{parent}]" in line for line in traced), traced
