@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve relay's own paced SSE stream under PATH on the listener, for "
         "relay probe https://host/PATH (off by default; behind the API keys)",
     )
+    tracing = parser.add_argument_group("tracing")
+    tracing.add_argument(
+        "--otel",
+        action="store_true",
+        help="OpenTelemetry traces: a span per exchange, joined to the client's traceparent, "
+        "exported over OTLP/HTTP as the OTEL_* variables say (needs pip install 'relay[otel]')",
+    )
     parser.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -293,6 +300,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.sse_keepalive is not None:
         values["sse_keepalive"] = parse_duration(args.sse_keepalive, "--sse-keepalive")
     values["test_stream"] = args.test_stream
+    values["otel"] = args.otel
     for spec in dataclasses.fields(Config):
         meta = spec.metadata
         text = getattr(args, spec.name, None) if "flag" in meta else None
@@ -597,6 +605,8 @@ def describe_config(config: Config) -> str:
         add("--sse-keepalive", _show_default(config.sse_keepalive, "duration"))
     if config.test_stream is not None:
         add("--test-stream", config.test_stream)
+    if config.otel:
+        add("--otel")
     if config.api_keys:
         count = len(config.api_keys)
         lines.append(f"# {KEYS_ENV}: {count} key{'s' if count != 1 else ''} (masked)")

@@ -303,6 +303,8 @@ class Config:
     body_digest: bool = False  # SHA-256 of the forwarded body in the access line
     sse_keepalive: float | None = None  # seconds of upstream silence before ": keep-alive"
     test_stream: str | None = None  # path on the public listener serving a paced stream
+    # OpenTelemetry traces (relay[otel]); the exporter reads the OTEL_* variables.
+    otel: bool = False
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):

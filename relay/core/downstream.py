@@ -340,6 +340,7 @@ class ClientConnection(asyncio.Protocol):
             inspect_budget=self.state.inspect_budget,
             ticker=self.state.ticker,
             ticket=ticket,  # limits, queue slot and usage of this exchange
+            tracing=self.state.tracing,
         )
         self.exchange = exchange
         # Not chunked: relay counts the body off itself (none at all is length 0).

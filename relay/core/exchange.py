@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from .metrics import Metrics
     from .ticker import Ticker
+    from .tracing import ExchangeSpan, Tracing
 
 __all__ = ["Ending", "Exchange", "Phase"]
 
@@ -177,6 +178,7 @@ class Exchange:
         waiting_for_continue: bool,
         inspect_budget: InspectBudget,
         ticket: Ticket | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.client = client
         self.request = request
@@ -242,6 +244,13 @@ class Exchange:
         )
         path = origin_form(request.target)
         self._target = path
+        # --otel: the exchange's span, None when tracing is off (the only check made).
+        self._span: ExchangeSpan | None = None
+        if tracing is not None:
+            self._span = tracing.start(
+                request.method, path, request.headers, client.client_host, now
+            )
+            self._span.inject(headers)  # the upstream's spans join relay's
         if plan.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         elif plan.length is not None:
@@ -514,6 +523,8 @@ class Exchange:
             else:
                 self._first_byte_at = now
                 self.metrics.time_to_first_byte.observe(now - self._sent_at)
+                if self._span is not None:
+                    self._span.first_byte(now)
             self._last_upstream_byte = now
             framer = self._framer
             try:
@@ -778,6 +789,10 @@ class Exchange:
         sent = self._sent_at
         # Usage from the kept reads; budgets, concurrency and queue slot released.
         usage = self.ticket.settle(self.bytes_to_client, self.requested_model, self.forwarded_model)
+        head_s = None if self._head_at is None else self._head_at - sent
+        ttft_s = None if self._first_byte_at is None else self._first_byte_at - sent
+        key = self.ticket.label if self.client.checks_keys else None
+        now = time.monotonic()
         log_exchange(
             client=self.client.client_host,
             method=self.request.method,
@@ -788,14 +803,32 @@ class Exchange:
             forwarded_model=self.forwarded_model,
             bytes_in=self.request_bytes,
             bytes_out=self.bytes_to_client,
-            head_s=None if self._head_at is None else self._head_at - sent,
-            ttft_s=None if self._first_byte_at is None else self._first_byte_at - sent,
-            total_s=time.monotonic() - self.started,
+            head_s=head_s,
+            ttft_s=ttft_s,
+            total_s=now - self.started,
             ending=ending.value,
             fidelity=self._fid.end(ending.value),  # counts the ending too
-            key=self.ticket.label if self.client.checks_keys else None,
+            key=key,
             usage=usage,
         )
+        span, self._span = self._span, None
+        if span is not None:
+            span.end(
+                now=now,
+                status=self.status,
+                ending=ending.value,
+                upstream=pool.address if pool is not None else None,
+                upstream_name=pool.name if pool is not None else None,
+                ttft_s=ttft_s,
+                head_s=head_s,
+                coalesced=self._fid.coalesced,
+                key=key,
+                usage=usage,
+                requested_model=self.requested_model,
+                forwarded_model=self.forwarded_model,
+                bytes_in=self.request_bytes,
+                bytes_out=self.bytes_to_client,
+            )
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

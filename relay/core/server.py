@@ -34,6 +34,8 @@ BACKLOG = 4096
 #: TLS listener: connections taken per wakeup, and the pause after accept fails (EMFILE).
 ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 1.0
+#: Seconds relay waits at exit for its last spans to be exported (--otel).
+TRACE_FLUSH_TIMEOUT = 5.0
 
 
 class TLSListener:
@@ -200,6 +202,11 @@ class RelayServer:
         """
         loop = asyncio.get_running_loop()
         state = ServerState(config)
+        if config.otel:
+            # Imported only when on: without --otel relay loads nothing of OpenTelemetry.
+            from .tracing import Tracing
+
+            state.tracing = Tracing()
 
         def factory() -> ClientConnection:
             return ClientConnection(state)
@@ -303,6 +310,12 @@ class RelayServer:
         ]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        tracing, state.tracing = state.tracing, None
+        if tracing is not None:
+            # The last spans go out from a thread: the export is a blocking HTTP call.
+            flush = asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(flush, TRACE_FLUSH_TIMEOUT)
 
 
 def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Config, ConfigError
 from ..http.auth import KeyFileError, KeyRing, NamedKey, named, parse_named_keys
@@ -22,6 +22,9 @@ from .metrics import Metrics
 from .ticker import Ticker, tick_interval
 from .tls import TLSError, server_context, upstream_context
 from .upstream import Balancer, Router, UpstreamPool
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 
 class ClientSide(Protocol):
@@ -112,6 +115,8 @@ class ServerState:
         # a socket too, so they count against --max-connections.
         self.handshakes: set[asyncio.Task[None]] = set()
         self.draining = False
+        # Set by the server when --otel is on (never by a preflight's state).
+        self.tracing: Tracing | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import importlib.util
 import logging
 import os
 import signal
@@ -46,8 +47,21 @@ def preflight(config: Config, *, bind: bool = True) -> None:
 
     ``relay --check`` and ``--print-config`` run it without ``bind``."""
     ServerState(config)
+    if config.otel and (missing := _missing_otel()) is not None:
+        raise ConfigError("--otel", f"needs {missing}: pip install 'relay[otel]'")
     if bind and config.admin_listen is not None:
         _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
+
+
+def _missing_otel() -> str | None:
+    """The OpenTelemetry package ``--otel`` needs and is not installed, or None."""
+    for module in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"):
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except ModuleNotFoundError:  # its parent package is missing
+            return module
+    return None
 
 
 def _try_bind(host: str | None, port: int, flag: str, config: Config) -> None:
