@@ -8,8 +8,8 @@ and, for a worker of ``--workers N``, the channel to its parent.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import importlib.util
+import ipaddress
 import logging
 import os
 import signal
