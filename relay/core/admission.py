@@ -20,8 +20,10 @@ The decisions live in the sans-IO layer (``relay/http/limits.py``,
   its concurrency and its upstream slot released. Every ending goes through
   the exchange's one ``_end``, so nothing leaks when a stream is cut.
 
-All of it is per relay process: with ``--workers N`` or several replicas,
-each process enforces its own limits.
+Without ``--limits-store`` all of it is per relay process. With it, a
+ticket also carries a lease in the shared store (``relay/core/limitstore.py``):
+the local checks run first as before, then the store is asked once, before
+the request goes upstream, and told when it settles.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ..http.usage import (
 
 if TYPE_CHECKING:
     from ..config import Config, UpstreamAddress
+    from .limitstore import LimitStore, SharedLease
     from .metrics import Gauges, Metrics
     from .upstream import UpstreamPool
 
@@ -145,6 +148,7 @@ class Ticket:
         "_kind",
         "_reads",
         "_settled",
+        "_shared",
         "admission",
         "budget",
         "label",
@@ -168,11 +172,14 @@ class Ticket:
         self._kind = ""  # "stream", "json" or "" (not counted)
         self._chunked = False
         self._settled: Usage | None = None
+        self._shared: SharedLease | None = None  # its leases in the shared store
 
     def try_enter(self, pool: UpstreamPool) -> bool:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream without waiting, if
         none is needed or one is free; false when the caller must await :meth:`enter`."""
         gate = self.admission.gate(pool.address) if self.admission is not None else None
+        if self._shared is not None and self._shared.pending(gate):
+            return False  # the shared store must be asked: only enter() may wait
         if gate is self._gate:
             return True
         if gate is None:
@@ -187,15 +194,17 @@ class Ticket:
     async def enter(self, pool: UpstreamPool) -> RelayError | None:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream (kept on a retry there)."""
         gate = self.admission.gate(pool.address) if self.admission is not None else None
-        if gate is self._gate:
-            return None
-        self._leave_gate()
-        if gate is None:
-            return None
-        error = await gate.enter(self.label)
-        if error is None:
-            self._gate = gate
-        return error
+        if gate is not self._gate:
+            self._leave_gate()
+            if gate is not None:
+                error = await gate.enter(self.label)
+                if error is not None:
+                    return error
+                self._gate = gate
+        if self._shared is not None:
+            # The local slot first (the fair queue is this process's), then the store's.
+            return await self._shared.enter(gate)
+        return None
 
     def _leave_gate(self) -> None:
         gate, self._gate = self._gate, None
@@ -268,6 +277,8 @@ class Ticket:
             admission.in_flight[label] -= 1
             if self.budget is not None:
                 self.budget.release(usage.total, time.monotonic())
+        if self._shared is not None:
+            self._shared.release(usage.total)  # a task: nothing waits for the store
         return usage
 
 
@@ -284,6 +295,7 @@ class Admission:
             models.add(mapping.default)
         self.models = frozenset(models)
         self.in_flight: Counter[str] = Counter()
+        self.store: LimitStore | None = None  # --limits-store, set by the server state
         self._gates: dict[str, Gate] = {}
         self._budgets: dict[str, Budget] = {}
         self._prune_at = PRUNE_AT
@@ -326,7 +338,11 @@ class Admission:
                 )
         self.metrics.key_requests[label, "admitted"] += 1
         self.in_flight[label] += 1
-        return Ticket(self.metrics, label, admission=self, budget=budget)
+        ticket = Ticket(self.metrics, label, admission=self, budget=budget)
+        if self.store is not None and (budget is not None or self.config.max_inflight):
+            owner = ("addr:" + client_host if key is None else "key:" + key) if budget else None
+            ticket._shared = self.store.lease(label, owner, limits if budget else None)
+        return ticket
 
     def _prune(self, now: float) -> None:
         for name in [n for n, b in self._budgets.items() if b.idle(now)]:
@@ -358,10 +374,13 @@ class Admission:
     def gauges(self) -> Gauges:
         """Queue lengths and slots in use by upstream, requests in flight by key."""
         gates = [(f'upstream="{g.address}"', g) for g in self._gates.values()]
-        return {
+        gauges: Gauges = {
             "relay_queue_length": [(labels, float(len(g.queue))) for labels, g in gates],
             "relay_upstream_inflight": [(labels, float(g.in_flight)) for labels, g in gates],
             "relay_key_in_flight": [
                 (f'key="{name}"', float(n)) for name, n in sorted(self.in_flight.items())
             ],
         }
+        if self.store is not None:
+            gauges["relay_limits_store_up"] = [("", 1.0 if self.store.up else 0.0)]
+        return gauges

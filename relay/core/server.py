@@ -197,6 +197,8 @@ class RelayServer:
         """
         loop = asyncio.get_running_loop()
         state = ServerState(config)
+        if state.admission.store is not None:
+            state.admission.store.start()  # before the first request can ask it
 
         def factory() -> ClientConnection:
             return ClientConnection(state)
@@ -293,6 +295,8 @@ class RelayServer:
             task.cancel()
         state.router.close()
         state.ticker.close()
+        if state.admission.store is not None:
+            await state.admission.store.close()
         for server in self.admin_servers:
             server.close()
         for server in self.admin_servers + [

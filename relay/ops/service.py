@@ -40,6 +40,10 @@ def preflight(config: Config) -> None:
     """Load every file the config names, and try the admin port, so that a bad
     one fails at start with its flag."""
     ServerState(config)
+    if config.limits_store is not None:
+        from ..core.limitstore import check_store
+
+        check_store(config)
     if config.admin_listen is not None:
         _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
 
