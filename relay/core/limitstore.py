@@ -151,7 +151,8 @@ async def _check(config: Config) -> None:
     except errors.ResponseError as exc:
         raise ConfigError("--limits-store", f"{where} refused: {_reason(exc)}") from None
     except TimeoutError:
-        raise ConfigError("--limits-store", f"no answer from {where} within {timeout:g}s") from None
+        reason = f"no Redis answer from {where} within {timeout:g}s (is it a Redis server?)"
+        raise ConfigError("--limits-store", reason) from None
     except (errors.RedisError, OSError) as exc:
         reason = _reason(exc)
         if isinstance(exc, errors.InvalidResponse | errors.DataError) or "rotocol" in reason:
