@@ -141,6 +141,29 @@ def test_max_inflight_is_shared_and_a_waiter_gets_the_slot_when_it_frees(
         assert len(sglang.sglang.requests) == seen_before + 1
 
 
+def test_tokens_spent_through_one_relay_count_at_the_other(sglang, redis_server, loop_kind):
+    """tpm=20 shared: two requests of 3 + 8 tokens through one relay spend 22, so the
+    next one through the other relay gets 429 (the debit lands just after each ends)."""
+    from relay.http.auth import NamedKey
+
+    common: dict[str, Any] = {
+        "loop_kind": loop_kind,
+        "limits_store": store_of(redis_server),
+        "api_keys": (NamedKey("team", KEY),),
+        "key_tpm": 20,
+    }
+    with RelayThread(sglang.url, **common) as one, RelayThread(sglang.url, **common) as two:
+        assert post(one.port, max_tokens=8).status_code == 200
+        assert post(one.port, max_tokens=8).status_code == 200
+        assert one.server is not None
+        store = one.server.state.admission.store
+        assert store is not None
+        eventually(lambda: one.call(lambda: not store._tasks and not store.live), LIMIT)
+        answer = post(two.port, max_tokens=8)  # its first: its own limit would let it in
+        assert answer.status_code == 429
+        assert "tokens per minute" in answer.json()["error"]["message"]
+
+
 def test_closed_answers_503_while_the_store_is_away_and_open_uses_own_limits(
     sglang, tmp_path, loop_kind
 ):
