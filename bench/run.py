@@ -325,7 +325,7 @@ def start_keyed_relay(
     return peer
 
 
-def keys_redis(rounds: int = 5, batches: int = 10, streams: int = 20) -> dict[str, Any]:
+def keys_redis(rounds: int = 5, batches: int = 25, streams: int = 20) -> dict[str, Any]:
     """relay-keys beside relay-keys-redis (the same limits shared through a local
     redis-server): CPU per request and TTFT p50/p99 of short streams.
 

@@ -36,6 +36,7 @@ import itertools
 import logging
 import os
 import secrets
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -60,9 +61,14 @@ __all__ = ["LimitStore", "SharedLease", "check_store"]
 
 log = logging.getLogger("relay.events")
 
-#: Releases in flight at once; beyond it a release is dropped and its lease
-#: runs out by itself (a bound on memory while the store is slow).
-MAX_RELEASES = 4096
+#: Calls waiting to be sent; beyond it a release is dropped (its lease runs
+#: out by itself) and an acquire counts as a store fault.
+MAX_QUEUED = 4096
+#: Script runs sent in one pipeline, and pipelines in flight at once: calls
+#: made while these are busy wait for the next pipeline (so under load many
+#: requests share one round trip and one write).
+MAX_BATCH = 256
+MAX_PIPELINES = 4
 #: Leases renewed per call (one script run), so a call stays short.
 RENEW_BATCH = 512
 #: How often the store is pinged while it is away (seconds).
@@ -92,6 +98,36 @@ class Gate(Protocol):
     address: str
     limit: int
     timeout: float
+
+
+ACQUIRE_CALL = 0
+RELEASE_CALL = 1
+
+
+class _Call:
+    """One script run waiting for a pipeline: its future (None: nobody waits)."""
+
+    __slots__ = ("args", "future", "keys", "upstream", "which")
+
+    def __init__(
+        self,
+        which: int,
+        keys: list[str],
+        args: list[object],
+        future: asyncio.Future[Any] | None,
+        upstream: str | None,
+    ) -> None:
+        self.which = which
+        self.keys = keys
+        self.args = args
+        self.future = future
+        self.upstream = upstream  # a release of this upstream's slot: wake its waiters
+
+
+def _no_script(reply: object) -> bool:
+    from redis.exceptions import NoScriptError  # loaded already: the client is running
+
+    return isinstance(reply, NoScriptError)
 
 
 class StoreFault(Exception):
@@ -239,7 +275,7 @@ class SharedLease:
         while True:
             if store.up:
                 try:
-                    answer = read_answer(await store.call(store.acquire, keys, args))
+                    answer = read_answer(await store.ask(keys, args))
                 except StoreFault:
                     continue  # the store is away now: decided below
                 if not answer.limit:
@@ -303,9 +339,12 @@ class LimitStore:
         self.process = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._ids = itertools.count(1)
         self._client: Any = None
-        self.acquire: Any = None
-        self._release: Any = None
         self._renew: Any = None
+        self._shas: tuple[str, str] = ("", "")  # ACQUIRE's and RELEASE's
+        self._queue: deque[_Call] = deque()
+        self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
+        self._pipelines = 0
+        self._kick_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._slot_freed: dict[str, asyncio.Future[None]] = {}
@@ -313,8 +352,9 @@ class LimitStore:
     def start(self) -> None:
         """Create the client and start the renewal task (in the running loop)."""
         self._client = _client(self.config, self.timeout)
-        self.acquire = self._client.register_script(ACQUIRE)
-        self._release = self._client.register_script(RELEASE)
+        acquire = self._client.register_script(ACQUIRE)
+        release = self._client.register_script(RELEASE)
+        self._shas = (acquire.sha, release.sha)
         self._renew = self._client.register_script(RENEW)
         self._keeper = asyncio.get_running_loop().create_task(self._keep())
 
@@ -322,10 +362,16 @@ class LimitStore:
         """Stop renewing; let releases finish (bounded); close the connections."""
         if self._keeper is not None:
             self._keeper.cancel()
+        if self._kick_handle is not None:
+            self._kick_handle.cancel()
+            self._kick()  # what is queued (releases) goes now
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.timeout)
         for task in list(self._tasks):
             task.cancel()
+        for conn in self._idle:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose(close_connection_pool=True)
@@ -395,25 +441,117 @@ class LimitStore:
             lease.upstream = None
 
     def _spawn(self, keys: list[str], args: list[object], upstream: str | None) -> None:
-        if not self.up or len(self._tasks) >= MAX_RELEASES:
+        if not self.up or len(self._queue) >= MAX_QUEUED:
             # Dropped: the lease runs out by itself within --limits-store-lease.
             if upstream is not None:
                 self._wake(upstream)
             return
-        task = asyncio.get_running_loop().create_task(self._send_release(keys, args, upstream))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._submit(_Call(RELEASE_CALL, keys, args, None, upstream))
 
-    async def _send_release(
-        self, keys: list[str], args: list[object], upstream: str | None
-    ) -> None:
+    async def ask(self, keys: list[str], args: list[object]) -> Any:
+        """Run the acquire script (batched with others); :class:`StoreFault` if it fails."""
+        if len(self._queue) >= MAX_QUEUED:
+            self._failed(OverflowError("too many calls waiting for the store"))
+            raise StoreFault
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._submit(_Call(ACQUIRE_CALL, keys, args, future, None))
         try:
-            await self.call(self._release, keys, args)
-        except StoreFault:
-            pass
+            # Queued behind busy pipelines, then sent: the whole wait is bounded.
+            async with asyncio.timeout(2 * self.timeout):
+                return await future
+        except TimeoutError:
+            self._failed(TimeoutError())
+            raise StoreFault from None
+
+    def _submit(self, call: _Call) -> None:
+        self._queue.append(call)
+        if self._kick_handle is None:
+            # Every call made in this turn of the loop goes in one pipeline.
+            self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_handle = None
+        queue = self._queue
+        while queue and self._pipelines < MAX_PIPELINES:
+            batch = []
+            while queue and len(batch) < MAX_BATCH:
+                call = queue.popleft()
+                if call.future is None or not call.future.done():  # not given up on
+                    batch.append(call)
+            if not batch:
+                return
+            self._pipelines += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        """One pipeline of script runs: one write, one round trip."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await self._pipeline(batch)
+                if any(_no_script(reply) for reply in replies):
+                    # The store restarted and forgot the scripts: load them, ask again.
+                    await self._client.script_load(ACQUIRE)
+                    await self._client.script_load(RELEASE)
+                    replies = await self._pipeline(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            replies = [StoreFault()] * len(batch)
         finally:
-            if upstream is not None:
-                self._wake(upstream)  # a waiter of this process asks again
+            self._pipelines -= 1
+        failed = None
+        for call, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception) and failed is None:
+                failed = reply
+            future = call.future
+            if future is not None and not future.done():
+                if isinstance(reply, Exception):
+                    future.set_exception(StoreFault())
+                else:
+                    future.set_result(reply)
+            if call.upstream is not None:
+                self._wake(call.upstream)  # a waiter of this process asks again
+        if failed is not None and not isinstance(failed, StoreFault):
+            self._failed(failed)
+        if self._queue and self._kick_handle is None:
+            self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        """Send ``batch`` on a connection of its own and read every reply (an error
+        reply is returned in its place). redis-py's Pipeline would do the same with
+        several times the CPU per command; the connection is its public one."""
+        from redis.exceptions import ResponseError
+
+        conn = self._idle.pop() if self._idle else self._new_connection()
+        try:
+            await conn.connect()  # at once if it is connected already
+            shas = self._shas
+            commands = [
+                ("EVALSHA", shas[call.which], len(call.keys), *call.keys, *call.args)
+                for call in batch
+            ]
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in batch:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # one script's error; the rest still come
+                    replies.append(exc)
+        except BaseException:
+            # Cancelled or broken half-way: replies may still be on their way, so
+            # this connection must never be read again.
+            await asyncio.shield(conn.disconnect())
+            raise
+        finally:
+            self._idle.append(conn)
+        return replies
+
+    def _new_connection(self) -> Any:
+        pool = self._client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
 
     async def _keep(self) -> None:
         """Renew the live leases every third of a lease; ping the store while it is away."""
