@@ -101,6 +101,12 @@ async def serve(
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
     listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.addresses)
+    if config.limits_store is not None:
+        log.info(
+            "limits shared through %s (while it is away: %s)",
+            config.limits_store,
+            "this process's own limits" if config.limits_store_failure == "open" else "503",
+        )
     if config.upstream.scheme == "https" and not config.upstream_tls_verify:
         log.warning("upstream TLS certificates are NOT verified (--upstream-insecure-skip-verify)")
     log.info(

@@ -141,6 +141,27 @@ def test_max_inflight_is_shared_and_a_waiter_gets_the_slot_when_it_frees(
         assert len(sglang.sglang.requests) == seen_before + 1
 
 
+def test_a_shared_slot_not_freed_within_the_queue_timeout_is_a_503(sglang, redis_server):
+    """--max-inflight 1 shared, --queue-timeout 0.5 s: while the first relay's stream
+    holds the upstream's slot, a request through the second gets 503 queue_timeout."""
+    common: dict[str, Any] = {
+        "limits_store": store_of(redis_server),
+        "max_inflight": 1,
+        "queue_timeout": 0.5,
+    }
+    with RelayThread(sglang.url, **common) as one, RelayThread(sglang.url, **common) as two:
+        busy = open_stream(one.port, max_tokens=100, test_gap_ms=30)
+        assert status_of(busy) == 200
+        started = time.monotonic()
+        answer = post(two.port, max_tokens=1)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "queue_timeout"
+        assert answer.headers["retry-after"] == "1"
+        assert 0.5 <= time.monotonic() - started < 5
+        assert two.metrics().key_requests["anonymous", "queue_timeout"] == 1
+        busy.close()
+
+
 def test_tokens_spent_through_one_relay_count_at_the_other(sglang, redis_server, loop_kind):
     """tpm=20 shared: two requests of 3 + 8 tokens through one relay spend 22, so the
     next one through the other relay gets 429 (the debit lands just after each ends)."""
