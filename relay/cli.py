@@ -26,6 +26,7 @@ from .cliparse import EXIT_USAGE, OneLineParser
 from .config import (
     BALANCE_POLICIES,
     LIMITS_STORE_FAILURE,
+    LIMITS_STORE_PASSWORD_ENV,
     PARSERS,
     Config,
     ConfigError,
@@ -47,7 +48,7 @@ __all__ = ["build_parser", "config_from_args", "main"]
 SUBCOMMANDS = ("serve", "probe", "demo")
 KEYS_ENV = "RELAY_API_KEYS"
 UPSTREAM_KEY_ENV = "RELAY_UPSTREAM_API_KEY"
-STORE_PASSWORD_ENV = "RELAY_LIMITS_STORE_PASSWORD"
+STORE_PASSWORD_ENV = LIMITS_STORE_PASSWORD_ENV
 #: RELAY_* variables that are not flags: keys, the store's password, the probe's key.
 OTHER_ENVS = (KEYS_ENV, UPSTREAM_KEY_ENV, STORE_PASSWORD_ENV, "RELAY_PROBE_API_KEY")
 #: How long start-up waits for upstream host names to resolve before going on.

@@ -432,6 +432,8 @@ class Config:
 
 BALANCE_POLICIES = ("least-requests", "round-robin", "random-two")
 LIMITS_STORE_FAILURE = ("open", "closed")
+#: The variable that may hold the store's password (never a flag: ps shows flags).
+LIMITS_STORE_PASSWORD_ENV = "RELAY_LIMITS_STORE_PASSWORD"
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-_]*[A-Za-z0-9])?")

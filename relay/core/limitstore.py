@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config import Config, ConfigError
+from ..config import LIMITS_STORE_PASSWORD_ENV, Config, ConfigError
 from ..http.errors import RelayError
 from ..http.limits import KeyLimits
 from ..http.sharedlimits import (
@@ -180,10 +180,15 @@ async def _check(config: Config) -> None:
             await client.ping()
             await client.script_load(ACQUIRE)
     except errors.AuthenticationError as exc:
-        flag = "--limits-store-password-file"
-        if "without any password" in str(exc) or not config.limits_store_password:
-            flag = "--limits-store"
-        raise ConfigError(flag, f"{where} refused the login: {_reason(exc)}") from None
+        sources = f"--limits-store-password-file or {LIMITS_STORE_PASSWORD_ENV}"
+        if config.limits_store_password is None:
+            hint = f"it needs a password: {sources}"
+        elif "without any password" in str(exc):
+            hint = "it has no password set, but relay was given one"
+        else:
+            hint = f"check {sources}"
+        reason = f"{where} refused the login ({_reason(exc)}); {hint}"
+        raise ConfigError("--limits-store", reason) from None
     except errors.ResponseError as exc:
         raise ConfigError("--limits-store", f"{where} refused: {_reason(exc)}") from None
     except TimeoutError:

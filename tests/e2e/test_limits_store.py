@@ -456,7 +456,9 @@ def test_a_wrong_password_is_one_line_at_start(tmp_path):
         line = start_fails(
             "--limits-store", server.url, env={"RELAY_LIMITS_STORE_PASSWORD": "wrong"}
         )
-        assert "refused the login" in line, line
+        assert "refused the login" in line and "RELAY_LIMITS_STORE_PASSWORD" in line, line
+        line = start_fails("--limits-store", server.url)
+        assert "needs a password" in line, line
     finally:
         server.kill()
 
