@@ -424,7 +424,8 @@ class LimitStore:
 
     def release(self, lease: SharedLease, tokens: int) -> None:
         """Give ``lease`` back and debit ``tokens``, off the client's path."""
-        self.live.pop(lease.id, None)
+        if self.live.pop(lease.id, None) is None:
+            return  # it never took anything (refused, or never asked)
         limits = lease.limits
         tpm = (limits.tpm or 0) if limits is not None and lease.owner is not None else 0
         if not lease.sets() and not (tpm and tokens):
