@@ -493,14 +493,27 @@ class LimitStore:
 
     async def _send(self, batch: list[_Call]) -> None:
         """One pipeline of script runs: one write, one round trip."""
+        from redis.exceptions import ConnectionError as Broken
+
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await self._pipeline(batch)
-                if any(_no_script(reply) for reply in replies):
-                    # The store restarted and forgot the scripts: load them, ask again.
+                try:
+                    replies = await self._pipeline(batch)
+                except (Broken, ConnectionResetError, BrokenPipeError):
+                    # A restarted store broke every idle connection: close them all
+                    # and try once more on a new one.
+                    for conn in self._idle:
+                        await conn.disconnect()
+                    replies = await self._pipeline(batch)
+                again = [i for i, reply in enumerate(replies) if _no_script(reply)]
+                if again:
+                    # The store restarted and forgot the scripts: load them, and
+                    # ask again for the calls that were not run.
                     await self._client.script_load(ACQUIRE)
                     await self._client.script_load(RELEASE)
-                    replies = await self._pipeline(batch)
+                    redone = await self._pipeline([batch[i] for i in again])
+                    for i, reply in zip(again, redone, strict=True):
+                        replies[i] = reply
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -401,6 +401,26 @@ def test_a_restarted_store_costs_no_stream_and_limits_are_exact_after(
     flowing.close()
 
 
+def test_a_store_restarted_between_requests_costs_no_fault(relays, redis_server):
+    """redis-server killed and started again while nothing asks it: the next request
+    reconnects at once and is served by the store (closed answers no 503, no line says
+    it was away), and the emptied store's scripts are loaded again."""
+    # A long lease: no renewal (every 20 s) can fall into the restart.
+    one = relays("concurrent=1", "--limits-store-lease", "60s", "--limits-store-failure", "closed")
+    assert post(one.port, max_tokens=1).status_code == 200  # its connections are open now
+    leases = "relay:{relay}:key:team:leases"
+    eventually(lambda: redis_server.command("ZCARD", leases) == b":0\r\n", LIMIT)  # released
+    redis_server.kill()
+    redis_server.start()
+    held = open_stream(one.port, max_tokens=40, test_gap_ms=50)
+    assert status_of(held) == 200, "".join(one.lines)
+    refused = post(one.port, max_tokens=1)
+    assert refused.status_code == 429, refused.text  # counted by the store, not refused
+    assert b"[DONE]" in read_all(held)
+    held.close()
+    assert one.count(r"limits store .* unreachable") == 0
+
+
 # -- start-up ----------------------------------------------------------------------------
 
 
