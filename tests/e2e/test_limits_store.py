@@ -200,6 +200,11 @@ def test_closed_answers_503_while_the_store_is_away_and_open_uses_own_limits(
         assert answer.json()["error"]["type"] == "server_error"
         assert "limits store" in answer.json()["error"]["message"]
         assert closed.metrics().limits_store_errors >= 1
+        assert closed.server is not None
+        state = closed.server.state
+        text = closed.call(lambda: state.metrics.render(gauges=state.gauges))
+        assert re.search(r"^relay_limits_store_errors_total [1-9]", text, re.M), text
+        assert "\nrelay_limits_store_up 0" in text
     with RelayThread(sglang.url, **common) as opened:
         assert post(opened.port, max_tokens=1).status_code == 200
         assert opened.metrics().limits_store_errors >= 1
