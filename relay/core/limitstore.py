@@ -352,6 +352,7 @@ class LimitStore:
         self._kick_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
+        self._went_away: asyncio.Event | None = None  # wakes the keeper to ping
         self._slot_freed: dict[str, asyncio.Future[None]] = {}
 
     def start(self) -> None:
@@ -361,6 +362,7 @@ class LimitStore:
         release = self._client.register_script(RELEASE)
         self._shas = (acquire.sha, release.sha)
         self._renew = self._client.register_script(RENEW)
+        self._went_away = asyncio.Event()
         self._keeper = asyncio.get_running_loop().create_task(self._keep())
 
     async def close(self) -> None:
@@ -407,6 +409,8 @@ class LimitStore:
                 _reason(exc),
                 then,
             )
+            if self._went_away is not None:
+                self._went_away.set()  # ping it from now on, not after the next renewal
 
     async def wait_for_slot(self, upstream: str, limit: float) -> None:
         """Until this process gives back a slot of ``upstream``, or ``limit`` seconds."""
@@ -575,9 +579,16 @@ class LimitStore:
     async def _keep(self) -> None:
         """Renew the live leases every third of a lease; ping the store while it is away."""
         every = self.lease_ms / 3000
+        went_away = self._went_away
+        assert went_away is not None
         while True:
-            await asyncio.sleep(every if self.up else PROBE_EVERY)
+            if self.up:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(every):
+                        await went_away.wait()
+                went_away.clear()
             if not self.up:
+                await asyncio.sleep(PROBE_EVERY)
                 try:
                     async with asyncio.timeout(self.timeout):
                         await self._client.ping()

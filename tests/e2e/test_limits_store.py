@@ -426,6 +426,22 @@ def test_a_store_restarted_between_requests_costs_no_fault(relays, redis_server)
     assert one.count(r"limits store .* unreachable") == 0
 
 
+def test_a_store_found_away_is_pinged_at_once_not_at_the_next_renewal(relays, redis_server):
+    """With the default 30 s lease (renewal every 10 s), a store found away is pinged
+    every half second: once it is back, relay says so within a few seconds."""
+    one = relays("concurrent=5")
+    assert post(one.port, max_tokens=1).status_code == 200
+    leases = "relay:{relay}:key:team:leases"
+    eventually(lambda: redis_server.command("ZCARD", leases) == b":0\r\n", LIMIT)
+    redis_server.kill()
+    assert post(one.port, max_tokens=1).status_code == 200  # open: its own limits
+    one.wait_line(r"limits store .* unreachable")
+    redis_server.start()
+    back = time.monotonic()
+    one.wait_line(r"limits store .* reachable again", limit=4.0)
+    assert time.monotonic() - back < 4.0
+
+
 # -- start-up ----------------------------------------------------------------------------
 
 
