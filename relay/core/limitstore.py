@@ -12,8 +12,11 @@ redis-py's asyncio client, imported only when the feature is on.
   never holds more than the whole fleet may, so they only refuse what the
   store would refuse too, and they are what is left when the store is away.
 * **Nothing on the client's path after it.** Releasing the leases and
-  debiting the tokens is a task started when the exchange settles, owned by
-  the store, bounded by the timeout and by :data:`MAX_RELEASES`.
+  debiting the tokens is queued when the exchange settles and sent by the
+  store's next pipeline (a task it owns), bounded by the timeout and by
+  :data:`MAX_QUEUED`.
+* **Batched.** The calls made in one turn of the loop share one pipeline (one
+  write, one round trip) on a connection of the store's own.
 * **The fair queue stays local.** A request that has its local
   ``--max-inflight`` slot but finds the upstream's shared slots all taken by
   other processes keeps its place and asks again when a slot of this process
@@ -24,8 +27,9 @@ redis-py's asyncio client, imported only when the feature is on.
 * **Faults.** Every call has ``--limits-store-timeout``. A failed call marks
   the store away (one log line, ``relay_limits_store_errors_total``); while
   it is away no request waits on it: ``open`` admits on this process's own
-  limits, ``closed`` answers 503. The same task pings it back to life (one
-  line again) and then adds back the leases taken while it was away.
+  limits, ``closed`` answers 503. The renewal task pings it every half
+  second until it answers (one line again), then adds back the leases taken
+  while it was away.
 """
 
 from __future__ import annotations
