@@ -162,6 +162,34 @@ def test_a_shared_slot_not_freed_within_the_queue_timeout_is_a_503(sglang, redis
         busy.close()
 
 
+def test_a_request_that_moves_to_another_upstream_gives_the_first_slot_back(
+    sglang, redis_server, tmp_path
+):
+    """--max-inflight 1 on two upstreams, the first refusing connections: the request
+    takes the first's shared slot, fails over to the second, and leaves no slot held
+    on either once it is done."""
+    from relay.config import parse_upstream
+
+    dead = parse_upstream(f"127.0.0.1:{RedisServer(tmp_path).port}")  # nothing listens
+    common: dict[str, Any] = {
+        "limits_store": store_of(redis_server),
+        "max_inflight": 1,
+        "balance": "round-robin",
+    }
+    with RelayThread(f"127.0.0.1:{dead.port}", more_upstreams=(parse_upstream(sglang.url),),
+                     **common) as relay:  # fmt: skip
+        for _ in range(2):  # round-robin: one of them starts on the dead upstream
+            assert post(relay.port, max_tokens=1).status_code == 200
+        assert relay.metrics().upstream_connect_errors >= 1
+        up = f"relay:{{relay}}:up:{dead}:leases"
+        held = f"relay:{{relay}}:up:{parse_upstream(sglang.url)}:leases"
+
+        def nothing_held() -> bool:
+            return all(redis_server.command("ZCARD", key) == b":0\r\n" for key in (up, held))
+
+        eventually(nothing_held, LIMIT)
+
+
 def test_tokens_spent_through_one_relay_count_at_the_other(sglang, redis_server, loop_kind):
     """tpm=20 shared: two requests of 3 + 8 tokens through one relay spend 22, so the
     next one through the other relay gets 429 (the debit lands just after each ends)."""
