@@ -434,6 +434,33 @@ def test_a_restarted_store_costs_no_stream_and_limits_are_exact_after(
     flowing.close()
 
 
+def test_a_store_that_hangs_costs_one_timeout_and_its_streams_count_after(relays, redis_server):
+    """redis-server stopped (SIGSTOP: connections hang, nothing answers): a request
+    waits no longer than about the 100 ms timeout and is admitted on the process's
+    own limits; once the store answers again, concurrent=2 counts both streams."""
+    one = relays("concurrent=2")
+    two = relays("concurrent=2")
+    first = open_stream(one.port, max_tokens=120, test_gap_ms=50)
+    assert status_of(first) == 200
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        second = open_stream(one.port, max_tokens=120, test_gap_ms=50)
+        assert status_of(second) == 200
+        assert time.monotonic() - started < 1.0  # one timeout, not a hang
+        one.wait_line(r"limits store .* unreachable \(timed out\)")
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    one.wait_line(r"limits store .* reachable again")
+    refused = post(two.port, max_tokens=1)
+    assert refused.status_code == 429, refused.text
+    for sock in (first, second):
+        assert b"data: [DONE]" in read_all(sock)
+        sock.close()
+    assert one.count(r"limits store .* unreachable") == 1
+
+
 def test_a_store_restarted_between_requests_costs_no_fault(relays, redis_server):
     """redis-server killed and started again while nothing asks it: the next request
     reconnects at once and is served by the store (closed answers no 503, no line says
