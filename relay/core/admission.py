@@ -278,7 +278,7 @@ class Ticket:
             if self.budget is not None:
                 self.budget.release(usage.total, time.monotonic())
         if self._shared is not None:
-            self._shared.release(usage.total)  # a task: nothing waits for the store
+            self._shared.release(usage.total)  # queued: nothing here waits for the store
         return usage
 
 

@@ -327,7 +327,7 @@ class SharedLease:
         self.store.live[self.id] = self
 
     def release(self, tokens: int) -> None:
-        """The exchange ended: give the leases back and debit ``tokens`` (in a task)."""
+        """The exchange ended: give the leases back and debit ``tokens`` (queued)."""
         self.store.release(self, tokens)
 
 
