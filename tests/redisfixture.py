@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -33,20 +34,31 @@ def need_redis_server() -> None:
 class RedisServer:
     """redis-server on 127.0.0.1:``port`` in ``directory``; :meth:`kill` and :meth:`start`."""
 
-    def __init__(self, directory: Path, *, password: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, password: str | None = None, tls: Path | None = None
+    ) -> None:
         self.directory = directory
         self.password = password
+        self.tls = tls  # a folder with ca.pem, cert.pem, key.pem: TLS only
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        tls = self.tls
+        ports = ["--port", str(self.port)]
+        if tls is not None:
+            ports = [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(tls / "cert.pem"), "--tls-key-file", str(tls / "key.pem"),
+                "--tls-ca-cert-file", str(tls / "ca.pem"), "--tls-auth-clients", "no",
+            ]  # fmt: skip
         args = [
             REDIS_SERVER,
-            "--port", str(self.port),
+            *ports,
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
             "--save", "",
@@ -60,7 +72,11 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as raw:
+                    sock = raw
+                    if tls is not None:
+                        context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+                        sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
                     sock.sendall(b"PING\r\n")
                     answer = sock.recv(64)
                     if answer.startswith((b"+PONG", b"-NOAUTH")):

@@ -497,6 +497,43 @@ def test_a_store_found_away_is_pinged_at_once_not_at_the_next_renewal(relays, re
     assert time.monotonic() - back < 4.0
 
 
+def test_rediss_shares_limits_over_tls_and_a_certificate_it_cannot_verify_stops_the_start(
+    sglang, tmp_path
+):
+    """rediss:// with the store's CA trusted (SSL_CERT_FILE): limits are shared over TLS;
+    without it, the start stops with one line saying the certificate failed."""
+    need_redis_server()
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    server = RedisServer(tmp_path, tls=folder).start()
+    keys = tmp_path / "keys"
+    keys.write_text(f"team {KEY} concurrent=1\n")
+    trusted = {"SSL_CERT_FILE": str(folder / "ca.pem")}
+    args = ["--upstream", f"127.0.0.1:{sglang.port}", "--api-key-file", str(keys)]
+    started = []
+    try:
+        for _ in range(2):
+            started.append(Relay(*args, "--limits-store", server.url, env=trusted))
+        one, two = started
+        busy = open_stream(one.port, max_tokens=40, test_gap_ms=50)
+        assert status_of(busy) == 200
+        assert post(two.port, max_tokens=1).status_code == 429
+        busy.close()
+        line = start_fails("--limits-store", server.url)
+        assert "argument --limits-store" in line and "certificate" in line.lower(), line
+    finally:
+        for relay in started:
+            relay.stop()
+        server.kill()
+
+
 # -- start-up ----------------------------------------------------------------------------
 
 
