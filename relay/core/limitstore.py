@@ -468,7 +468,17 @@ class LimitStore:
             self._failed(OverflowError("too many calls waiting for the store"))
             raise StoreFault
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._submit(_Call(ACQUIRE_CALL, keys, args, future, None))
+        call = _Call(ACQUIRE_CALL, keys, args, future, None)
+        if not self._queue and self._kick_handle is None and self._pipelines < MAX_PIPELINES:
+            # Nothing else waits to be sent: send it from this task at once, rather
+            # than through two more turns of the loop (under load calls queue up
+            # behind busy pipelines, and share the next one).
+            self._pipelines += 1
+            await self._send([call])
+            if future.exception() is not None:
+                raise StoreFault
+            return future.result()
+        self._submit(call)
         try:
             # Queued behind busy pipelines, then sent: the whole wait is bounded.
             async with asyncio.timeout(2 * self.timeout):
@@ -529,6 +539,9 @@ class LimitStore:
             replies = [StoreFault()] * len(batch)
         finally:
             self._pipelines -= 1
+            if self._queue and self._kick_handle is None:
+                # Calls queued while every pipeline was busy go now (cancelled too).
+                self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
         failed = None
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception) and failed is None:
@@ -543,8 +556,6 @@ class LimitStore:
                 self._wake(call.upstream)  # a waiter of this process asks again
         if failed is not None and not isinstance(failed, StoreFault):
             self._failed(failed)
-        if self._queue and self._kick_handle is None:
-            self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         """Send ``batch`` on a connection of its own and read every reply (an error
