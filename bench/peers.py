@@ -252,6 +252,32 @@ ORIGIN_CONF = (
 )
 
 
+def start_redis(cpus: set[int] | None = None) -> Peer | None:
+    """A local redis-server (no persistence) for the shared-limits scenario; None
+    when redis-server is not installed."""
+    server = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+    if server is None:
+        return None
+    workdir = tempfile.TemporaryDirectory(prefix="relay-bench-redis-")
+    port = free_port()
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir.name,
+         "--save", "", "--appendonly", "no", "--daemonize", "no"],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_pin(cpus),
+    )  # fmt: skip
+    _wait_line(process, r"Ready to accept connections", "stdout")
+    assert process.stdout is not None
+    stdout = process.stdout
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in stdout], daemon=True).start()
+    return Peer("redis", port, process, workdir=workdir)
+
+
 def start_origin(cpus: set[int] | None = None) -> Peer | None:
     """An nginx that answers every request at once with a small JSON body (no proxying):
     the instant upstream of the per-request scenario. None when nginx is absent."""

@@ -35,6 +35,7 @@ from bench.peers import (
     free_port,
     start_nginx,
     start_origin,
+    start_redis,
     start_relay,
     start_streamer,
 )
@@ -520,16 +521,123 @@ def long_streams(rounds: int = 3) -> dict[str, dict[str, Any]]:
 KEY_FILE = "bench sk-bench concurrent=1000 rpm=1000000 tpm=1000000000\nother sk-other rpm=60\n"
 
 
-def start_keyed_relay(upstream_port: int, cpus: set[int] | None = None) -> Peer:
-    """relay with named keys, per-key limits, --max-inflight and usage accounting on."""
+def start_keyed_relay(
+    upstream_port: int, cpus: set[int] | None = None, store: Peer | None = None
+) -> Peer:
+    """relay with named keys, per-key limits, --max-inflight and usage accounting on;
+    with ``store`` (a redis-server), all of them shared through it (relay-keys-redis)."""
     with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as keys:
         keys.write(KEY_FILE)
     extra = ["--api-key-file", keys.name, "--key-max-concurrent", "2000", "--max-inflight", "2000"]
+    if store is not None:
+        extra += ["--limits-store", f"redis://127.0.0.1:{store.port}/0"]
     peer = start_relay(upstream_port, cpus, *extra)
     os.unlink(keys.name)  # read at start; relay keeps the keys in memory
-    peer.name = "relay-keys"
+    peer.name = "relay-keys" if store is None else "relay-keys-redis"
     peer.api_key = "sk-bench"
     return peer
+
+
+def keys_redis(rounds: int = 5, batches: int = 25, streams: int = 20) -> dict[str, Any]:
+    """relay-keys beside relay-keys-redis (the same limits shared through a local
+    redis-server): CPU per request and TTFT p50/p99 of short streams.
+
+    Each round sends ``batches`` batches of ``streams`` concurrent one-token streams
+    (no upstream delay), so the cost of admission and settling dominates. The relays
+    have CPU 0; the streamer, redis-server (pinned with the upstream) and the client
+    CPU 1. Reported: the median over rounds that alternate the two relays.
+    """
+    out: dict[str, Any] = {}
+    if len(os.sched_getaffinity(0)) < 2:
+        print("fewer than 2 CPUs: skipping relay-keys-redis")
+        return out
+    store = start_redis({1})
+    if store is None:
+        print("redis-server not installed: skipping relay-keys-redis")
+        return out
+    os.sched_setaffinity(0, {1})
+    streamer = start_streamer({1})
+    peers = [start_keyed_relay(streamer.port, {0}), start_keyed_relay(streamer.port, {0}, store)]
+    samples: dict[str, list[tuple[float, float, float, float]]] = {p.name: [] for p in peers}
+    try:
+        for peer in peers:  # warm up: connections to the upstream and the store
+            run_loop(run_streams(peer.port, streams, 1, 0, 0, api_key=peer.api_key))
+        for _ in range(rounds):
+            for peer in peers:
+                ttfts: list[float] = []
+                errors = 0
+                cpu_before = peer.cpu()
+                for _ in range(batches):
+                    results, _ = run_loop(
+                        run_streams(peer.port, streams, 1, 0, 0, api_key=peer.api_key)
+                    )
+                    ttfts += [r.ttft_ms for r in results if r.ttft_ms is not None]
+                    errors += sum(1 for r in results if r.error)
+                cpu = peer.cpu() - cpu_before
+                if errors or len(ttfts) != batches * streams:
+                    print(f"  {peer.name}: {errors} errors; round not counted", flush=True)
+                    continue
+                us = cpu * 1e6 / (batches * streams)
+                # One stream at a time: the round trip to the store, without a queue.
+                alone = []
+                for _ in range(streams):
+                    results, _ = run_loop(run_streams(peer.port, 1, 1, 0, 0, api_key=peer.api_key))
+                    alone += [r.ttft_ms for r in results if r.ttft_ms is not None]
+                samples[peer.name].append(
+                    (us, percentile(ttfts, 0.5), percentile(ttfts, 0.99), percentile(alone, 0.5))
+                )
+        for name, values in samples.items():
+            if not values:
+                continue
+            entry = {
+                "cpu_us_per_request": statistics.median(v[0] for v in values),
+                "ttft_ms_p50": statistics.median(v[1] for v in values),
+                "ttft_ms_p99": statistics.median(v[2] for v in values),
+                "ttft_ms_p50_alone": statistics.median(v[3] for v in values),
+                "rounds": len(values),
+            }
+            out[name] = entry
+            print(
+                f"  {name:16} {entry['cpu_us_per_request']:7.1f} us/request "
+                f"TTFT p50 {entry['ttft_ms_p50']:6.2f} ms p99 {entry['ttft_ms_p99']:6.2f} ms "
+                f"(one at a time: p50 {entry['ttft_ms_p50_alone']:5.2f} ms)",
+                flush=True,
+            )
+    finally:
+        for peer in peers:
+            peer.stop()
+        streamer.stop()
+        store.stop()
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return {"keys shared through redis": out} if out else {}
+
+
+def keys_redis_table(results: dict[str, Any]) -> str:
+    """The shared-limits comparison, with the issue's targets (1.3x CPU, one loopback
+    round trip of TTFT)."""
+    peers = results.get("keys shared through redis", {})
+    rows = [
+        "| peer | CPU µs/request | TTFT p50 ms | TTFT p99 ms | TTFT p50 ms, one at a time |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("relay-keys", "relay-keys-redis"):
+        if name in peers:
+            s = peers[name]
+            rows.append(
+                f"| {name} | {fmt(s['cpu_us_per_request'], 1)} | {fmt(s['ttft_ms_p50'])} "
+                f"| {fmt(s['ttft_ms_p99'])} | {fmt(s['ttft_ms_p50_alone'])} |"
+            )
+    if {"relay-keys", "relay-keys-redis"} <= set(peers):
+        base, shared = peers["relay-keys"], peers["relay-keys-redis"]
+        rows.append("")
+        rows.append(
+            f"relay-keys-redis / relay-keys CPU per request: "
+            f"{ratio(shared['cpu_us_per_request'], base['cpu_us_per_request'])} (target <= 1.3x); "
+            f"TTFT p50 +{shared['ttft_ms_p50'] - base['ttft_ms_p50']:.2f} ms with 20 at once, "
+            f"+{shared['ttft_ms_p50_alone'] - base['ttft_ms_p50_alone']:.2f} ms one at a time "
+            "(target: one loopback round trip)"
+        )
+    return "\n".join(rows)
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -700,11 +808,23 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="rounds alternating the peers; each figure is the median (default: %(default)s)",
     )
+    parser.add_argument(
+        "--keys-redis",
+        action="store_true",
+        help="only relay-keys beside relay-keys-redis (limits shared through a local "
+        "redis-server): CPU per request, TTFT p50/p99",
+    )
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     sizes = tuple(int(n) for n in args.held_sizes.split(",") if n.strip())
     if args.held:
         return held_only(sizes, args.held_tokens, args.held_rounds)
+    if args.keys_redis:
+        print("keys shared through redis (one-token streams, relays pinned):", flush=True)
+        shared = keys_redis()
+        print()
+        print(keys_redis_table(shared))
+        return 0
     print("paced streams (24 ms gaps, 250 ms to first token):", flush=True)
     results = paced(args.quick)
     if not args.quick:
@@ -716,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
         requests = per_request()
         print("held streams (1 s to first token, 20 tokens 500-600 ms apart):", flush=True)
         held_results = held(sizes, args.held_tokens, args.held_rounds)
+        print("keys shared through redis (one-token streams, relays pinned):", flush=True)
+        requests.update(keys_redis())
     else:
         requests = {}
         held_results = {}
@@ -725,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     md = f"Run {stamp} on {machine}.\n\n{table(streams)}\n\n"
     if requests or "100 x 500 tokens" in results:
         md += cost_table({**results, **requests}) + "\n\n"
+    if "keys shared through redis" in requests:
+        md += keys_redis_table(requests) + "\n\n"
     if held_results:
         md += held_table(held_results) + "\n\n"
     md += "\n".join(

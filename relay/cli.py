@@ -25,12 +25,15 @@ from . import __version__
 from .cliparse import EXIT_USAGE, OneLineParser
 from .config import (
     BALANCE_POLICIES,
+    LIMITS_STORE_FAILURE,
+    LIMITS_STORE_PASSWORD_ENV,
     PARSERS,
     Config,
     ConfigError,
     UpstreamAddress,
     parse_count,
     parse_duration,
+    parse_limits_store,
     parse_listen,
     parse_route,
     parse_upstream,
@@ -45,8 +48,9 @@ __all__ = ["build_parser", "config_from_args", "main"]
 SUBCOMMANDS = ("serve", "probe", "demo")
 KEYS_ENV = "RELAY_API_KEYS"
 UPSTREAM_KEY_ENV = "RELAY_UPSTREAM_API_KEY"
-#: RELAY_* variables that are not flags: keys, and the probe's key.
-OTHER_ENVS = (KEYS_ENV, UPSTREAM_KEY_ENV, "RELAY_PROBE_API_KEY")
+STORE_PASSWORD_ENV = LIMITS_STORE_PASSWORD_ENV
+#: RELAY_* variables that are not flags: keys, the store's password, the probe's key.
+OTHER_ENVS = (KEYS_ENV, UPSTREAM_KEY_ENV, STORE_PASSWORD_ENV, "RELAY_PROBE_API_KEY")
 #: How long start-up waits for upstream host names to resolve before going on.
 RESOLVE_TIMEOUT = 2.0
 
@@ -174,6 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{meta['help']} (default {_show_default(spec.default, meta['kind'])})",
         )
+    shared = parser.add_argument_group("limits shared across processes and replicas")
+    shared.add_argument(
+        "--limits-store",
+        metavar="URL",
+        help="redis://HOST:PORT/DB (rediss:// for TLS): enforce the key limits and "
+        "--max-inflight across every relay pointed at this Redis or Valkey "
+        "(needs pip install 'relay[redis]'; off by default: limits are per process)",
+    )
+    shared.add_argument(
+        "--limits-store-password-file",
+        metavar="PATH",
+        help=f"file holding the store's password; also ${STORE_PASSWORD_ENV} "
+        "(never a flag: ps would show it)",
+    )
+    shared.add_argument(
+        "--limits-store-failure",
+        choices=LIMITS_STORE_FAILURE,
+        default=Config.default("limits_store_failure"),
+        help="while the store is unreachable or slow: open (default) falls back to this "
+        "process's own limits; closed answers 503 with Retry-After",
+    )
     ops = parser.add_argument_group("operations")
     ops.add_argument(
         "--admin-listen",
@@ -301,6 +326,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         values["sse_keepalive"] = parse_duration(args.sse_keepalive, "--sse-keepalive")
     values["test_stream"] = args.test_stream
     values["otel"] = args.otel
+    values.update(_limits_store(args))
     for spec in dataclasses.fields(Config):
         meta = spec.metadata
         text = getattr(args, spec.name, None) if "flag" in meta else None
@@ -321,6 +347,30 @@ def _upstream_key(args: argparse.Namespace) -> str | None:
             raise ConfigError("--upstream-api-key-file", "must hold exactly one key")
         return keys[0]
     return os.environ.get(UPSTREAM_KEY_ENV) or None
+
+
+def _limits_store(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {"limits_store_failure": args.limits_store_failure}
+    if args.limits_store is None:
+        if args.limits_store_password_file:
+            raise ConfigError("--limits-store-password-file", "needs --limits-store")
+        return values
+    values["limits_store"] = parse_limits_store(args.limits_store)
+    password = os.environ.get(STORE_PASSWORD_ENV) or None
+    path = args.limits_store_password_file
+    if path:
+        try:
+            with open(path, encoding="utf-8") as file:
+                password = file.read().strip("\r\n")
+        except OSError as exc:
+            reason = f"cannot read {path}: {exc.strerror}"
+            raise ConfigError("--limits-store-password-file", reason) from None
+        except UnicodeDecodeError:
+            raise ConfigError("--limits-store-password-file", f"{path}: not UTF-8") from None
+        if not password:
+            raise ConfigError("--limits-store-password-file", f"{path} is empty")
+    values["limits_store_password"] = password
+    return values
 
 
 def _model_map(args: argparse.Namespace) -> ModelMap:
@@ -411,12 +461,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 host,
                 reason,
             )
+        if config.workers > 1 and config.limits_store is None and _has_limits(config):
+            log.info(
+                "limits are per worker: each of the %d workers enforces the key limits and "
+                "--max-inflight on its own (--limits-store shares them)",
+                config.workers,
+            )
     if config.workers == 1:
         try:
             return run(serve(config), config.loop)
         except KeyboardInterrupt:
             return 130
     return _serve_workers(config, args_list)
+
+
+def _has_limits(config: Config) -> bool:
+    """Whether any per-key limit or --max-inflight may apply."""
+    per_key = any(not isinstance(key, str) for key in config.api_keys)
+    return bool(
+        config.key_max_concurrent
+        or config.key_rpm
+        or config.key_tpm
+        or config.max_inflight
+        or config.api_key_file
+        or per_key
+    )
 
 
 def _serve_workers(config: Config, argv: Sequence[str]) -> int:
@@ -594,6 +663,9 @@ def describe_config(config: Config) -> str:
         if "flag" in spec.metadata:
             value = getattr(config, spec.name)
             add(spec.metadata["flag"], _show_default(value, spec.metadata["kind"]))
+    if config.limits_store is not None:
+        add("--limits-store", config.limits_store)
+        add("--limits-store-failure", config.limits_store_failure)
     add("--workers", config.workers)
     add("--log-format", config.log_format)
     add("--loop", config.loop)
@@ -612,6 +684,8 @@ def describe_config(config: Config) -> str:
         lines.append(f"# {KEYS_ENV}: {count} key{'s' if count != 1 else ''} (masked)")
     if config.upstream_api_key:
         lines.append("# upstream API key: set (masked)")
+    if config.limits_store_password:
+        lines.append("# limits store password: set (masked)")
     return "\n".join(lines)
 
 

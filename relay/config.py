@@ -21,8 +21,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "ListenAddress",
+    "StoreAddress",
     "UpstreamAddress",
     "parse_duration",
+    "parse_limits_store",
     "parse_listen",
     "parse_size",
     "parse_upstream",
@@ -68,6 +70,25 @@ class UpstreamAddress:
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.authority}"
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    """The shared limit store: a Redis (or Valkey) server, its database and user.
+
+    The password is never part of it: it comes from a file or the environment.
+    """
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.username}@" if self.username else ""
+        return f"{'rediss' if self.tls else 'redis'}://{user}{host}:{self.port}/{self.db}"
 
 
 def _limits(*, help: str, flag: str, kind: str = "", least: int = 1) -> Any:
@@ -297,6 +318,29 @@ class Config:
             help="longest wait in the --max-inflight queue; 503 after it",
         ),
     )
+    # The shared limit store: with it, the key limits and --max-inflight hold
+    # across every process and replica pointed at the same store.
+    limits_store: StoreAddress | None = None
+    limits_store_password: str | None = field(default=None, repr=False)
+    limits_store_failure: str = "open"  # or "closed": 503 while the store is away
+    limits_store_timeout: float = field(
+        default=0.1,
+        metadata=_limits(
+            flag="--limits-store-timeout",
+            kind="duration",
+            help="longest wait for one call to the --limits-store; past it the store "
+            "counts as away",
+        ),
+    )
+    limits_store_lease: float = field(
+        default=30.0,
+        metadata=_limits(
+            flag="--limits-store-lease",
+            kind="duration",
+            help="how long a slot in the --limits-store outlives a relay that died holding "
+            "it (renewed every third of it while the request lives)",
+        ),
+    )
     loop: str = "auto"
     log_level: str = "info"
     # Stream fidelity; the metrics are always on, these are opt-in.
@@ -355,6 +399,18 @@ class Config:
                 "--log-level", f"must be debug, info, warning or error, got {self.log_level!r}"
             )
 
+        if self.limits_store_failure not in LIMITS_STORE_FAILURE:
+            raise ConfigError(
+                "--limits-store-failure",
+                f"must be open or closed, got {self.limits_store_failure!r}",
+            )
+        # Renewal runs every third of a lease; each call may take the timeout.
+        if self.limits_store_lease < max(1.0, 3 * self.limits_store_timeout):
+            raise ConfigError(
+                "--limits-store-lease",
+                "must be at least 1s and three times --limits-store-timeout",
+            )
+
         # Stream fidelity.
         if self.sse_keepalive is not None and not self.sse_keepalive > 0:
             raise ConfigError("--sse-keepalive", "must be a positive duration")
@@ -387,6 +443,9 @@ class Config:
 
 
 BALANCE_POLICIES = ("least-requests", "round-robin", "random-two")
+LIMITS_STORE_FAILURE = ("open", "closed")
+#: The variable that may hold the store's password (never a flag: ps shows flags).
+LIMITS_STORE_PASSWORD_ENV = "RELAY_LIMITS_STORE_PASSWORD"
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-_]*[A-Za-z0-9])?")
@@ -447,6 +506,36 @@ def parse_upstream(text: str, flag: str = "--upstream") -> UpstreamAddress:
     if not host:
         raise ConfigError(flag, f"missing host in {text!r}")
     return UpstreamAddress(host, port, scheme)
+
+
+def parse_limits_store(text: str, flag: str = "--limits-store") -> StoreAddress:
+    """``redis://[USER@]HOST[:PORT][/DB]`` or ``rediss://`` (TLS); no password in it."""
+    rest = text.strip()
+    scheme, sep, rest = rest.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss"):
+        raise ConfigError(flag, f"expected redis://HOST:PORT/DB or rediss://..., got {text!r}")
+    if "?" in rest or "#" in rest:
+        raise ConfigError(flag, "takes no query; the password comes from a file or the environment")
+    authority, _, path = rest.partition("/")
+    username = None
+    if "@" in authority:
+        user, _, authority = authority.rpartition("@")
+        if ":" in user:
+            raise ConfigError(
+                flag,
+                "must not hold a password (ps shows it): use --limits-store-password-file "
+                "or RELAY_LIMITS_STORE_PASSWORD",
+            )
+        username = user or None
+    if (authority.startswith("[") and authority.endswith("]")) or ":" not in authority:
+        authority += ":6379"
+    host, port = _split_host_port(flag, authority, allow_zero=False)
+    if not host:
+        raise ConfigError(flag, f"missing host in {text!r}")
+    path = path.strip("/")
+    if path and not (path.isdigit() and int(path) < 1 << 16):
+        raise ConfigError(flag, f"the database must be a number, got {path!r}")
+    return StoreAddress(host, port, int(path or 0), scheme.lower() == "rediss", username)
 
 
 # A sign is accepted so that "-1k" gets "must be positive", not "expected a size".

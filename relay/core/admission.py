@@ -20,8 +20,10 @@ The decisions live in the sans-IO layer (``relay/http/limits.py``,
   its concurrency and its upstream slot released. Every ending goes through
   the exchange's one ``_end``, so nothing leaks when a stream is cut.
 
-All of it is per relay process: with ``--workers N`` or several replicas,
-each process enforces its own limits.
+Without ``--limits-store`` all of it is per relay process. With it, a
+ticket also carries a lease in the shared store (``relay/core/limitstore.py``):
+the local checks run first as before, then the store is asked once, before
+the request goes upstream, and told when it settles.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from ..http.usage import (
 
 if TYPE_CHECKING:
     from ..config import UpstreamAddress
+    from .limitstore import LimitStore, SharedLease
     from .metrics import Gauges, Metrics
     from .upstream import UpstreamPool
 
@@ -162,6 +165,7 @@ class Ticket:
         "_max_usage",
         "_reads",
         "_settled",
+        "_shared",
         "_waiting",
         "admission",
         "budget",
@@ -194,11 +198,14 @@ class Ticket:
         self._max_usage = (
             admission.config.max_usage_bytes if admission is not None else Config.max_usage_bytes
         )
+        self._shared: SharedLease | None = None  # its leases in the shared store
 
     def try_enter(self, pool: UpstreamPool) -> bool:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream without waiting, if
         none is needed or one is free; false when the caller must await :meth:`enter`."""
         gate = self.admission.gate(pool.address) if self.admission is not None else None
+        if self._shared is not None and self._shared.pending(gate):
+            return False  # the shared store must be asked: only enter() may wait
         if gate is self._gate:
             self._result("admitted")
             return True
@@ -216,24 +223,33 @@ class Ticket:
     async def enter(self, pool: UpstreamPool) -> RelayError | None:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream (kept on a retry there)."""
         gate = self.admission.gate(pool.address) if self.admission is not None else None
-        if gate is self._gate:
-            self._result("admitted")
-            return None
-        self._leave_gate()
-        if gate is None:
-            self._result("admitted")
-            return None
-        self._waiting = True
-        try:
-            error = await gate.enter(self.label)
-        finally:
-            self._waiting = False
-        if error is None:
-            self._gate = gate
-            self._result("admitted")
-        else:
-            self._counted = True  # the gate counted queue_full or queue_timeout
-        return error
+        if gate is not self._gate:
+            self._leave_gate()
+            if gate is not None:
+                self._waiting = True
+                try:
+                    error = await gate.enter(self.label)
+                finally:
+                    self._waiting = False
+                if error is not None:
+                    self._counted = True  # the gate counted queue_full or queue_timeout
+                    return error
+                self._gate = gate
+        if self._shared is not None:
+            # The local slot first (the fair queue is this process's), then the store's.
+            self._waiting = True
+            try:
+                error = await self._shared.enter(gate)
+            finally:
+                self._waiting = False
+            if error is not None:
+                if error.code == "unavailable":
+                    self._result("store_unavailable")
+                else:
+                    self._counted = True  # the store's answer counted its limit
+                return error
+        self._result("admitted")
+        return None
 
     def _result(self, result: str) -> None:
         """Count this request's result by key, once."""
@@ -323,6 +339,8 @@ class Ticket:
             admission.in_flight[label] -= 1
             if self.budget is not None:
                 self.budget.release(usage.total, time.monotonic())
+        if self._shared is not None:
+            self._shared.release(usage.total)  # queued: nothing here waits for the store
         return usage
 
 
@@ -339,6 +357,7 @@ class Admission:
             models.add(mapping.default)
         self.models = frozenset(models)
         self.in_flight: Counter[str] = Counter()
+        self.store: LimitStore | None = None  # --limits-store, set by the server state
         self._gates: dict[str, Gate] = {}
         self._budgets: dict[str, Budget] = {}
         self._prune_at = PRUNE_AT
@@ -380,7 +399,11 @@ class Admission:
                     429, refusal.message, "rate_limit_exceeded", ((b"retry-after", retry),)
                 )
         self.in_flight[label] += 1
-        return Ticket(self.metrics, label, admission=self, budget=budget)
+        ticket = Ticket(self.metrics, label, admission=self, budget=budget)
+        if self.store is not None and (budget is not None or self.config.max_inflight):
+            owner = ("addr:" + client_host if key is None else "key:" + key) if budget else None
+            ticket._shared = self.store.lease(label, owner, limits if budget else None)
+        return ticket
 
     def _prune(self, now: float) -> None:
         for name in [n for n, b in self._budgets.items() if b.idle(now)]:
@@ -412,10 +435,13 @@ class Admission:
     def gauges(self) -> Gauges:
         """Queue lengths and slots in use by upstream, requests in flight by key."""
         gates = [(f'upstream="{g.address}"', g) for g in self._gates.values()]
-        return {
+        gauges: Gauges = {
             "relay_queue_length": [(labels, float(len(g.queue))) for labels, g in gates],
             "relay_upstream_inflight": [(labels, float(g.in_flight)) for labels, g in gates],
             "relay_key_in_flight": [
                 (f'key="{name}"', float(n)) for name, n in sorted(self.in_flight.items())
             ],
         }
+        if self.store is not None:
+            gauges["relay_limits_store_up"] = [("", 1.0 if self.store.up else 0.0)]
+        return gauges

@@ -101,6 +101,8 @@ class Metrics:
     key_requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # key, result
     usage: Counter[tuple[str, str]] = field(default_factory=Counter)  # key, source
     queue_wait: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
+    # Calls to the --limits-store that failed or timed out.
+    limits_store_errors: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         """Every value as JSON-able data (what a worker sends its parent)."""
@@ -224,6 +226,7 @@ def _sum(a: float, b: float) -> float:
 # may use it (one that ejected it is a problem worth an alert).
 _GAUGE_COMBINE: dict[str, Callable[[float, float], float]] = {
     "relay_draining": max,
+    "relay_limits_store_up": min,  # a worker that cannot reach the store is worth an alert
     "relay_upstream_available": min,
 }
 
@@ -247,6 +250,8 @@ _COUNTERS = [
     ("relay_timeouts_total", "timeouts", "Exchanges ended by a timeout."),
     ("relay_received_bytes_total", "bytes_from_clients", "Request body bytes from clients."),
     ("relay_sent_bytes_total", "bytes_to_clients", "Response body bytes sent to clients."),
+    ("relay_limits_store_errors_total", "limits_store_errors",
+     "Calls to the shared limits store that failed or timed out."),
 ]  # fmt: skip
 _HISTOGRAMS = [
     ("relay_upstream_head_seconds", "time_to_head", "Request sent to upstream response head."),
@@ -316,6 +321,7 @@ _GAUGE_HELP = {
     "relay_upstream_pool_idle": "Idle pooled upstream connections.",
     "relay_upstream_pool_active": "Upstream connections carrying an exchange.",
     "relay_draining": "1 while relay drains before exit.",
+    "relay_limits_store_up": "1 while the shared limits store answers (--limits-store).",
     "relay_workers": "Worker processes up and serving (--workers).",
     "relay_upstream_outstanding": "Requests assigned to the upstream and not finished.",
     "relay_upstream_available": "1 unless ejected after failures or failing its health check.",

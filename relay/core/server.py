@@ -207,6 +207,8 @@ class RelayServer:
             from .tracing import Tracing
 
             state.tracing = Tracing()
+        if state.admission.store is not None:
+            state.admission.store.start()  # before the first request can ask it
 
         def factory() -> ClientConnection:
             return ClientConnection(state)
@@ -303,6 +305,8 @@ class RelayServer:
             task.cancel()
         state.router.close()
         state.ticker.close()
+        if state.admission.store is not None:
+            await state.admission.store.close()
         for server in self.admin_servers:
             server.close()
         for server in self.admin_servers + [

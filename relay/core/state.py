@@ -91,6 +91,11 @@ class ServerState:
         self.inspect_budget = InspectBudget(config.max_inspect_bytes)
         # Per-key limits, the --max-inflight queues, usage.
         self.admission = Admission(config, self.metrics, self.keys.entries)
+        if config.limits_store is not None:
+            # Imported only when asked for: the default install has no redis client.
+            from .limitstore import LimitStore
+
+            self.admission.store = LimitStore(config, self.metrics)
         pools = {
             address: UpstreamPool(
                 address,

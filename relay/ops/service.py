@@ -49,6 +49,10 @@ def preflight(config: Config, *, bind: bool = True) -> None:
     ServerState(config)
     if config.otel and (missing := _missing_otel()) is not None:
         raise ConfigError("--otel", f"needs {missing}: pip install 'relay[otel]'")
+    if config.limits_store is not None:
+        from ..core.limitstore import check_store
+
+        check_store(config)
     if bind and config.admin_listen is not None:
         _try_bind(config.admin_listen.host, config.admin_listen.port, "--admin-listen", config)
 
@@ -204,6 +208,12 @@ async def serve(
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
     listening = ", ".join(_address(h, p) for h, p in server.addresses)
+    if config.limits_store is not None:
+        log.info(
+            "limits shared through %s (while it is away: %s)",
+            config.limits_store,
+            "this process's own limits" if config.limits_store_failure == "open" else "503",
+        )
     if config.upstream.scheme == "https" and not config.upstream_tls_verify:
         log.warning("upstream TLS certificates are NOT verified (--upstream-insecure-skip-verify)")
     keys = server.state.keys.entries

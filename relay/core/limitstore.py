@@ -1,0 +1,634 @@
+"""The shared limit store: per-key limits and ``--max-inflight`` across processes.
+
+With ``--limits-store redis://...`` every relay process pointed at the same
+Redis (or Valkey) enforces one set of numbers. The scripts and key names are
+sans-IO (``relay/http/sharedlimits.py``); this module runs them with
+redis-py's asyncio client, imported only when the feature is on.
+
+* **One round trip before the first byte.** :meth:`SharedLease.enter` runs
+  one ``EVALSHA`` (redis-py loads the script again after ``NOSCRIPT``) that
+  checks every limit of the request and takes its leases atomically. The
+  local checks (:mod:`relay.core.admission`) run first and stay: a process
+  never holds more than the whole fleet may, so they only refuse what the
+  store would refuse too, and they are what is left when the store is away.
+* **Nothing on the client's path after it.** Releasing the leases and
+  debiting the tokens is queued when the exchange settles and sent by the
+  store's next pipeline (a task it owns), bounded by the timeout and by
+  :data:`MAX_QUEUED`.
+* **Batched.** The calls made in one turn of the loop share one pipeline (one
+  write, one round trip) on a connection of the store's own.
+* **The fair queue stays local.** A request that has its local
+  ``--max-inflight`` slot but finds the upstream's shared slots all taken by
+  other processes keeps its place and asks again when a slot of this process
+  is given back, or after a short back-off, until ``--queue-timeout``.
+* **Leases expire.** One task renews this process's live leases every third
+  of ``--limits-store-lease`` in one call; a relay that dies stops renewing,
+  and its slots come back within one lease time.
+* **Faults.** Every call has ``--limits-store-timeout``. A failed call marks
+  the store away (one log line, ``relay_limits_store_errors_total``); while
+  it is away no request waits on it: ``open`` admits on this process's own
+  limits, ``closed`` answers 503. The renewal task pings it every half
+  second until it answers (one line again), then adds back the leases taken
+  while it was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..config import LIMITS_STORE_PASSWORD_ENV, Config, ConfigError
+from ..http.errors import RelayError
+from ..http.limits import KeyLimits
+from ..http.sharedlimits import (
+    ACQUIRE,
+    PREFIX,
+    RELEASE,
+    RENEW,
+    bucket_key,
+    leases_key,
+    marker_key,
+    read_answer,
+)
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+__all__ = ["LimitStore", "SharedLease", "check_store"]
+
+log = logging.getLogger("relay.events")
+
+#: Calls waiting to be sent; beyond it a release is dropped (its lease runs
+#: out by itself) and an acquire counts as a store fault.
+MAX_QUEUED = 4096
+#: Script runs sent in one pipeline, and pipelines in flight at once: calls
+#: made while these are busy wait for the next pipeline (so under load many
+#: requests share one round trip and one write).
+MAX_BATCH = 256
+MAX_PIPELINES = 4
+#: Leases renewed per call (one script run), so a call stays short.
+RENEW_BATCH = 512
+#: How often the store is pinged while it is away (seconds).
+PROBE_EVERY = 0.5
+#: Back-off between asks for an upstream slot other processes hold (seconds).
+RETRY_FIRST = 0.025
+RETRY_MOST = 0.4
+#: The start-up check waits at least this long (connecting may take a handshake).
+START_TIMEOUT = 3.0
+#: An unused key of the same slot, for a script argument that does not apply.
+_NONE = PREFIX + "none"
+#: Connections to the store per process; a call waits (bounded) for a free one.
+MAX_CONNECTIONS = 32
+
+
+#: The 429 messages of a refusal by the store (the local ones read the same).
+_REFUSALS = {
+    "concurrent": "too many requests in flight for this key (limit {})",
+    "rpm": "requests per minute limit reached for this key (limit {})",
+    "tpm": "tokens per minute limit reached for this key (limit {})",
+}
+
+
+class Gate(Protocol):
+    """What a lease needs of an upstream's ``--max-inflight`` gate (``admission.Gate``)."""
+
+    address: str
+    limit: int
+    timeout: float
+
+
+ACQUIRE_CALL = 0
+RELEASE_CALL = 1
+
+
+class _Call:
+    """One script run waiting for a pipeline: its future (None: nobody waits)."""
+
+    __slots__ = ("args", "future", "keys", "upstream", "which")
+
+    def __init__(
+        self,
+        which: int,
+        keys: list[str],
+        args: list[object],
+        future: asyncio.Future[Any] | None,
+        upstream: str | None,
+    ) -> None:
+        self.which = which
+        self.keys = keys
+        self.args = args
+        self.future = future
+        self.upstream = upstream  # a release of this upstream's slot: wake its waiters
+
+
+def _no_script(reply: object) -> bool:
+    from redis.exceptions import NoScriptError  # loaded already: the client is running
+
+    return isinstance(reply, NoScriptError)
+
+
+class StoreFault(Exception):
+    """A call to the store failed or timed out (the store is now marked away)."""
+
+
+def _client(config: Config, timeout: float) -> Any:
+    """A redis.asyncio client for ``--limits-store`` (the import happens here)."""
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    store = config.limits_store
+    assert store is not None
+    pool_class = redis.SSLConnection if store.tls else redis.Connection
+    pool = redis.BlockingConnectionPool(
+        connection_class=pool_class,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout,
+        host=store.host,
+        port=store.port,
+        db=store.db,
+        username=store.username,
+        password=config.limits_store_password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # One immediate reconnect: a restarted store breaks every pooled connection.
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=0,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+async def _check(config: Config) -> None:
+    import redis.exceptions as errors
+
+    timeout = max(START_TIMEOUT, config.limits_store_timeout)
+    client = _client(config, timeout)
+    store = config.limits_store
+    where = str(store)
+    try:
+        async with asyncio.timeout(timeout):
+            await client.ping()
+            await client.script_load(ACQUIRE)
+    except errors.AuthenticationError as exc:
+        sources = f"--limits-store-password-file or {LIMITS_STORE_PASSWORD_ENV}"
+        if config.limits_store_password is None:
+            hint = f"it needs a password: {sources}"
+        elif "without any password" in str(exc):
+            hint = "it has no password set, but relay was given one"
+        else:
+            hint = f"check {sources}"
+        reason = f"{where} refused the login ({_reason(exc)}); {hint}"
+        raise ConfigError("--limits-store", reason) from None
+    except errors.ResponseError as exc:
+        raise ConfigError("--limits-store", f"{where} refused: {_reason(exc)}") from None
+    except TimeoutError:
+        reason = f"no Redis answer from {where} within {timeout:g}s (is it a Redis server?)"
+        raise ConfigError("--limits-store", reason) from None
+    except (errors.RedisError, OSError) as exc:
+        reason = _reason(exc)
+        if isinstance(exc, errors.InvalidResponse | errors.DataError) or "rotocol" in reason:
+            reason = f"not a Redis server? ({reason})"
+        raise ConfigError("--limits-store", f"cannot use {where}: {reason}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose(close_connection_pool=True)
+
+
+def check_store(config: Config) -> None:
+    """At start: reach the store, log in, load a script; a :class:`ConfigError` if not.
+
+    Runs its own short event loop, before the relay's starts.
+    """
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--limits-store", "needs the redis client: pip install 'relay[redis]'"
+        ) from None
+    asyncio.run(_check(config))
+
+
+class SharedLease:
+    """One exchange's leases in the store: its key's slot and its upstream's slot."""
+
+    __slots__ = ("confirmed", "id", "key_held", "label", "limits", "owner", "store", "upstream")
+
+    def __init__(self, store: LimitStore, lease_id: str, label: str, owner: str | None,
+                 limits: KeyLimits | None) -> None:  # fmt: skip
+        self.store = store
+        self.id = lease_id
+        self.label = label
+        self.owner = owner  # "key:NAME" or "addr:HOST"; None: no key limits apply
+        self.limits = limits
+        # The key's part is taken once; with no key limits there is none to take.
+        self.key_held = owner is None
+        self.upstream: str | None = None  # whose --max-inflight slot is held
+        self.confirmed = True  # False: taken while the store was away
+
+    def pending(self, gate: Gate | None) -> bool:
+        """Whether :meth:`enter` must ask the store before a request goes to ``gate``'s
+        upstream (None: no ``--max-inflight``)."""
+        return not self.key_held or (gate is not None and gate.address != self.upstream)
+
+    def sets(self) -> list[str]:
+        """The lease sets this lease is a member of (for renewal)."""
+        found = []
+        limits = self.limits
+        if self.owner is not None and limits is not None and limits.concurrent:
+            found.append(leases_key(self.owner))
+        if self.upstream is not None:
+            found.append(leases_key("up:" + self.upstream))
+        return found
+
+    async def enter(self, gate: Gate | None) -> RelayError | None:
+        """Take what the request still needs in the store: None, or why not (429, 503)."""
+        store = self.store
+        upstream = gate.address if gate is not None else None
+        if self.upstream is not None and self.upstream != upstream:
+            # Another upstream this time (a retry elsewhere): give the old slot back.
+            store.release_upstream(self)
+        if not self.pending(gate):
+            return None
+        limits = self.limits
+        take_key = not self.key_held and limits is not None
+        args = [
+            self.id,
+            store.lease_ms,
+            (limits.concurrent or 0) if take_key and limits else 0,
+            (limits.rpm or 0) if take_key and limits else 0,
+            (limits.tpm or 0) if take_key and limits else 0,
+            gate.limit if gate is not None else 0,
+        ]
+        keys = [
+            leases_key(self.owner) if self.owner else _NONE,
+            bucket_key(self.owner) if self.owner else _NONE,
+            leases_key("up:" + upstream) if upstream else _NONE,
+        ]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (gate.timeout if gate is not None else 0.0)
+        pause = RETRY_FIRST
+        while True:
+            if store.up:
+                try:
+                    answer = read_answer(await store.ask(keys, args))
+                except StoreFault:
+                    continue  # the store is away now: decided below
+                if not answer.limit:
+                    self._took(upstream, confirmed=True)
+                    return None
+                if answer.limit != "upstream":
+                    store.metrics.key_requests[self.label, answer.limit] += 1
+                    message = _REFUSALS[answer.limit].format(getattr(limits, answer.limit))
+                    retry = str(answer.retry_after).encode()
+                    return RelayError(
+                        429, message, "rate_limit_exceeded", ((b"retry-after", retry),)
+                    )
+                assert gate is not None
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    store.metrics.key_requests[self.label, "queue_timeout"] += 1
+                    return RelayError(
+                        503,
+                        f"upstream busy: no slot freed within {gate.timeout:g} s",
+                        "queue_timeout",
+                        ((b"retry-after", b"1"),),
+                    )
+                await store.wait_for_slot(gate.address, min(pause, remaining))
+                pause = min(RETRY_MOST, pause * 2)
+                continue
+            if store.fail_open:
+                # This process's own limits admitted it; the store hears of it
+                # when it is back (the renewal adds the lease).
+                self._took(upstream, confirmed=False)
+                return None
+            return RelayError(
+                503, "the shared limits store is unavailable", "unavailable",
+                ((b"retry-after", b"1"),),
+            )  # fmt: skip
+
+    def _took(self, upstream: str | None, *, confirmed: bool) -> None:
+        self.key_held = True
+        self.upstream = upstream
+        self.confirmed = self.confirmed and confirmed
+        self.store.live[self.id] = self
+
+    def release(self, tokens: int) -> None:
+        """The exchange ended: give the leases back and debit ``tokens`` (queued)."""
+        self.store.release(self, tokens)
+
+
+class LimitStore:
+    """This process's link to the shared store: the client, the leases it holds, its state."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        assert config.limits_store is not None
+        self.config = config
+        self.metrics = metrics
+        self.timeout = config.limits_store_timeout
+        self.lease_ms = int(config.limits_store_lease * 1000)
+        self.fail_open = config.limits_store_failure == "open"
+        self.where = str(config.limits_store)
+        self.up = True
+        self.live: dict[str, SharedLease] = {}
+        # A lease id is unique across processes and restarts: a random process id.
+        self.process = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self._ids = itertools.count(1)
+        self._client: Any = None
+        self._renew: Any = None
+        self._shas: tuple[str, str] = ("", "")  # ACQUIRE's and RELEASE's
+        self._queue: deque[_Call] = deque()
+        self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
+        self._pipelines = 0
+        self._kick_handle: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._keeper: asyncio.Task[None] | None = None
+        self._went_away: asyncio.Event | None = None  # wakes the keeper to ping
+        self._slot_freed: dict[str, asyncio.Future[None]] = {}
+
+    def start(self) -> None:
+        """Create the client and start the renewal task (in the running loop)."""
+        self._client = _client(self.config, self.timeout)
+        acquire = self._client.register_script(ACQUIRE)
+        release = self._client.register_script(RELEASE)
+        self._shas = (acquire.sha, release.sha)
+        self._renew = self._client.register_script(RENEW)
+        self._went_away = asyncio.Event()
+        self._keeper = asyncio.get_running_loop().create_task(self._keep())
+
+    async def close(self) -> None:
+        """Stop renewing; let releases finish (bounded); close the connections."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+        if self._kick_handle is not None:
+            self._kick_handle.cancel()
+            self._kick()  # what is queued (releases) goes now
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in self._idle:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.aclose(close_connection_pool=True)
+
+    def lease(self, label: str, owner: str | None, limits: KeyLimits | None) -> SharedLease:
+        """A new exchange's (empty) lease; ``owner`` None when no key limit applies."""
+        return SharedLease(self, f"{self.process}:{next(self._ids)}", label, owner, limits)
+
+    async def call(self, script: Any, keys: Sequence[str], args: Sequence[object]) -> Any:
+        """Run ``script`` within the timeout; :class:`StoreFault` (store marked away) if not."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await script(keys=keys, args=args)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the client's errors, timeouts, a bad reply
+            self._failed(exc)
+            raise StoreFault from None
+
+    def _failed(self, exc: BaseException) -> None:
+        self.metrics.limits_store_errors += 1
+        if self.up:
+            self.up = False
+            then = "using this process's own limits" if self.fail_open else "answering 503"
+            log.warning(
+                "limits store %s unreachable (%s): %s until it is back",
+                self.where,
+                _reason(exc),
+                then,
+            )
+            if self._went_away is not None:
+                self._went_away.set()  # ping it from now on, not after the next renewal
+
+    async def wait_for_slot(self, upstream: str, limit: float) -> None:
+        """Until this process gives back a slot of ``upstream``, or ``limit`` seconds."""
+        freed = self._slot_freed.get(upstream)
+        if freed is None or freed.done():
+            freed = self._slot_freed[upstream] = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await asyncio.shield(freed)
+
+    def _wake(self, upstream: str) -> None:
+        freed = self._slot_freed.pop(upstream, None)
+        if freed is not None and not freed.done():
+            freed.set_result(None)
+
+    def release(self, lease: SharedLease, tokens: int) -> None:
+        """Give ``lease`` back and debit ``tokens``, off the client's path."""
+        if self.live.pop(lease.id, None) is None:
+            return  # it never took anything (refused, or never asked)
+        limits = lease.limits
+        tpm = (limits.tpm or 0) if limits is not None and lease.owner is not None else 0
+        if not lease.sets() and not (tpm and tokens):
+            return
+        owner = lease.owner
+        keys = [
+            leases_key(owner) if owner else _NONE,
+            bucket_key(owner) if owner else _NONE,
+            leases_key("up:" + lease.upstream) if lease.upstream else _NONE,
+        ]
+        self._spawn(keys, [lease.id, tokens, tpm], lease.upstream)
+        lease.upstream = None
+
+    def release_upstream(self, lease: SharedLease) -> None:
+        """Give back only ``lease``'s upstream slot (the request moves to another one)."""
+        if lease.upstream is not None:
+            keys = [_NONE, _NONE, leases_key("up:" + lease.upstream)]
+            self._spawn(keys, [lease.id, 0, 0], lease.upstream)
+            lease.upstream = None
+
+    def _spawn(self, keys: list[str], args: list[object], upstream: str | None) -> None:
+        if not self.up or len(self._queue) >= MAX_QUEUED:
+            # Dropped: the lease runs out by itself within --limits-store-lease.
+            if upstream is not None:
+                self._wake(upstream)
+            return
+        self._submit(_Call(RELEASE_CALL, keys, args, None, upstream))
+
+    async def ask(self, keys: list[str], args: list[object]) -> Any:
+        """Run the acquire script (batched with others); :class:`StoreFault` if it fails."""
+        if len(self._queue) >= MAX_QUEUED:
+            self._failed(OverflowError("too many calls waiting for the store"))
+            raise StoreFault
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        call = _Call(ACQUIRE_CALL, keys, args, future, None)
+        if not self._queue and self._kick_handle is None and self._pipelines < MAX_PIPELINES:
+            # Nothing else waits to be sent: send it from this task at once, rather
+            # than through two more turns of the loop (under load calls queue up
+            # behind busy pipelines, and share the next one).
+            self._pipelines += 1
+            await self._send([call])
+            if future.exception() is not None:
+                raise StoreFault
+            return future.result()
+        self._submit(call)
+        try:
+            # Queued behind busy pipelines, then sent: the whole wait is bounded.
+            async with asyncio.timeout(2 * self.timeout):
+                return await future
+        except TimeoutError:
+            self._failed(TimeoutError())
+            raise StoreFault from None
+
+    def _submit(self, call: _Call) -> None:
+        self._queue.append(call)
+        if self._kick_handle is None:
+            # Every call made in this turn of the loop goes in one pipeline.
+            self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_handle = None
+        queue = self._queue
+        while queue and self._pipelines < MAX_PIPELINES:
+            batch = []
+            while queue and len(batch) < MAX_BATCH:
+                call = queue.popleft()
+                if call.future is None or not call.future.done():  # not given up on
+                    batch.append(call)
+            if not batch:
+                return
+            self._pipelines += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        """One pipeline of script runs: one write, one round trip."""
+        from redis.exceptions import ConnectionError as Broken
+
+        try:
+            async with asyncio.timeout(self.timeout):
+                try:
+                    replies = await self._pipeline(batch)
+                except (Broken, ConnectionResetError, BrokenPipeError):
+                    # A restarted store broke every idle connection: close them all
+                    # and try once more on a new one.
+                    for conn in self._idle:
+                        await conn.disconnect()
+                    replies = await self._pipeline(batch)
+                again = [i for i, reply in enumerate(replies) if _no_script(reply)]
+                if again:
+                    # The store restarted and forgot the scripts: load them, and
+                    # ask again for the calls that were not run.
+                    await self._client.script_load(ACQUIRE)
+                    await self._client.script_load(RELEASE)
+                    redone = await self._pipeline([batch[i] for i in again])
+                    for i, reply in zip(again, redone, strict=True):
+                        replies[i] = reply
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            replies = [StoreFault()] * len(batch)
+        finally:
+            self._pipelines -= 1
+            if self._queue and self._kick_handle is None:
+                # Calls queued while every pipeline was busy go now (cancelled too).
+                self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+        failed = None
+        for call, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception) and failed is None:
+                failed = reply
+            future = call.future
+            if future is not None and not future.done():
+                if isinstance(reply, Exception):
+                    future.set_exception(StoreFault())
+                else:
+                    future.set_result(reply)
+            if call.upstream is not None:
+                self._wake(call.upstream)  # a waiter of this process asks again
+        if failed is not None and not isinstance(failed, StoreFault):
+            self._failed(failed)
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        """Send ``batch`` on a connection of its own and read every reply (an error
+        reply is returned in its place). redis-py's Pipeline would do the same with
+        several times the CPU per command; the connection is its public one."""
+        from redis.exceptions import ResponseError
+
+        conn = self._idle.pop() if self._idle else self._new_connection()
+        try:
+            await conn.connect()  # at once if it is connected already
+            shas = self._shas
+            commands = [
+                ("EVALSHA", shas[call.which], len(call.keys), *call.keys, *call.args)
+                for call in batch
+            ]
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in batch:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # one script's error; the rest still come
+                    replies.append(exc)
+        except BaseException:
+            # Cancelled or broken half-way: replies may still be on their way, so
+            # this connection must never be read again.
+            await asyncio.shield(conn.disconnect())
+            raise
+        finally:
+            self._idle.append(conn)
+        return replies
+
+    def _new_connection(self) -> Any:
+        pool = self._client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
+
+    async def _keep(self) -> None:
+        """Renew the live leases every third of a lease; ping the store while it is away."""
+        every = self.lease_ms / 3000
+        went_away = self._went_away
+        assert went_away is not None
+        while True:
+            if self.up:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(every):
+                        await went_away.wait()
+                went_away.clear()
+            if not self.up:
+                await asyncio.sleep(PROBE_EVERY)
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await self._client.ping()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.metrics.limits_store_errors += 1
+                    continue
+                self.up = True
+                log.warning("limits store %s reachable again: limits are shared", self.where)
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Extend every live lease; add back those the store does not know."""
+        leases = sorted(self.live.values(), key=lambda lease: lease.confirmed)
+        pairs = [(name, lease) for lease in leases for name in lease.sets()]
+        unconfirmed = [lease for lease in leases if not lease.confirmed]
+        for start in range(0, max(1, len(pairs)), RENEW_BATCH):
+            batch = pairs[start : start + RENEW_BATCH]
+            fresh = sum(1 for _, lease in batch if not lease.confirmed)
+            keys = [marker_key(self.process), *(name for name, _ in batch)]
+            args: list[object] = [self.lease_ms, *(lease.id for _, lease in batch), fresh]
+            try:
+                await self.call(self._renew, keys, args)
+            except StoreFault:
+                return
+        for lease in unconfirmed:
+            lease.confirmed = True
