@@ -39,6 +39,7 @@ from .config import (
     parse_upstream,
 )
 from .core.accesslog import setup_logging
+from .core.server import BACKLOG
 from .core.tls import TLSError
 from .http.auth import KeyFileError, KeyListError, parse_key_file, parse_key_list
 from .http.rewrite import ModelMap, ModelMapError, load_model_map_file, parse_model_map_item
@@ -504,7 +505,7 @@ def _serve_workers(config: Config, argv: Sequence[str]) -> int:
             sock = socket.create_server(
                 (host or "", config.listen.port),
                 family=socket.AF_INET6 if host and ":" in host else socket.AF_INET,
-                backlog=2048,
+                backlog=BACKLOG,
             )
         except OSError as exc:
             sys.stderr.write(f"relay: error: argument --listen: {exc.strerror or exc}\n")
