@@ -390,7 +390,12 @@ class Config:
             raise ConfigError("--workers", f"must be at least 1, got {self.workers}")
         if self.log_format not in ("text", "json"):
             raise ConfigError("--log-format", f"must be text or json, got {self.log_format!r}")
-        if self.admin_listen is not None and self.admin_listen == self.listen:
+        # Port 0 twice is two free ports, not one address.
+        if (
+            self.admin_listen is not None
+            and self.admin_listen == self.listen
+            and self.listen.port != 0
+        ):
             raise ConfigError("--admin-listen", "must differ from --listen")
         if self.loop not in ("auto", "uvloop", "asyncio"):
             raise ConfigError("--loop", f"must be auto, uvloop or asyncio, got {self.loop!r}")

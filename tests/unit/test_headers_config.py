@@ -251,3 +251,23 @@ def test_help_shows_every_limit_with_the_dataclass_default(capsys):
         if "flag" in spec.metadata:
             assert spec.metadata["flag"] in out
     assert "(default 900s)" in out and "(default 64k)" in out
+
+
+def test_the_admin_listener_must_not_take_the_public_address_but_two_free_ports_may():
+    """--admin-listen equal to --listen is refused; port 0 for both is two free ports."""
+    from relay.config import Config, ConfigError, parse_listen, parse_upstream
+
+    upstream = parse_upstream("127.0.0.1:9")
+    with pytest.raises(ConfigError) as refused:
+        Config(
+            listen=parse_listen("127.0.0.1:4000"),
+            admin_listen=parse_listen("127.0.0.1:4000"),
+            upstream=upstream,
+        )
+    assert "--admin-listen" in str(refused.value)
+    both_free = Config(
+        listen=parse_listen("127.0.0.1:0"),
+        admin_listen=parse_listen("127.0.0.1:0"),
+        upstream=upstream,
+    )
+    assert both_free.admin_listen is not None and both_free.admin_listen.port == 0
