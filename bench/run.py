@@ -210,6 +210,8 @@ def saturation() -> dict[str, dict[str, Any]]:
 
 #: Held streams: a long time to the first token (a reasoning model thinking, a
 #: queue) and slow tokens, so that thousands are open at once.
+#: New held streams opened per second (a ramp, not N SYNs at once); --held-open-rate.
+HELD_OPEN_RATE = 4000
 HELD_SIZES = (1000, 4000, 8000)
 HELD_TOKENS = 20
 HELD_TTFT_MS = 1000.0
@@ -256,7 +258,12 @@ async def measure_held(
     sampler = asyncio.create_task(sample_rss())
     try:
         results, wall = await run_held(
-            peer.port, streams, tokens, HELD_TTFT_MS, HELD_GAP_MS, ramp_s=max(1.0, streams / 4000)
+            peer.port,
+            streams,
+            tokens,
+            HELD_TTFT_MS,
+            HELD_GAP_MS,
+            ramp_s=max(1.0, streams / HELD_OPEN_RATE),
         )
     finally:
         sampler.cancel()
@@ -280,6 +287,12 @@ def median_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = statistics.median(values)
     out["rounds"] = len(rounds)
     return out
+
+
+def set_held_open_rate(rate: int) -> None:
+    """``--held-open-rate``: how fast the held scenario opens its streams."""
+    global HELD_OPEN_RATE
+    HELD_OPEN_RATE = max(1, rate)
 
 
 def held(
@@ -809,6 +822,12 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds alternating the peers; each figure is the median (default: %(default)s)",
     )
     parser.add_argument(
+        "--held-open-rate",
+        type=int,
+        default=HELD_OPEN_RATE,
+        help="held streams opened per second during the ramp (default: %(default)s)",
+    )
+    parser.add_argument(
         "--keys-redis",
         action="store_true",
         help="only relay-keys beside relay-keys-redis (limits shared through a local "
@@ -817,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     sizes = tuple(int(n) for n in args.held_sizes.split(",") if n.strip())
+    set_held_open_rate(args.held_open_rate)
     if args.held:
         return held_only(sizes, args.held_tokens, args.held_rounds)
     if args.keys_redis:
