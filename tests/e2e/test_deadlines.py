@@ -227,7 +227,8 @@ async def _slow_body(relay, up, loop) -> tuple[float, bytes]:
     return start, data
 
 
-async def _keepalive(relay, up, loop) -> tuple[float, bytes]:
+async def _after_the_head(relay, up, loop) -> tuple[float, bytes]:
+    """Timed from the response head: the keep-alive and upstream idle deadlines."""
     reader, writer = await connect(relay)
     writer.write(request_bytes(body=b"{}"))
     head = await read_head(reader)
@@ -245,16 +246,6 @@ async def _upstream_head(relay, up, loop) -> tuple[float, bytes]:
     data = await read_to_eof(reader)
     writer.close()
     return start, data
-
-
-async def _upstream_idle(relay, up, loop) -> tuple[float, bytes]:
-    reader, writer = await connect(relay)
-    writer.write(request_bytes(body=b"{}"))
-    head = await read_head(reader)
-    start = loop.time()
-    data = await read_to_eof(reader)
-    writer.close()
-    return start, head + data
 
 
 async def _sse_keepalive(relay, up, loop) -> tuple[float, bytes]:
@@ -292,14 +283,14 @@ DEADLINES = {
     "client-head": (_slow_head, _silent, {"client_head_timeout": SHORT}, b"HTTP/1.1 408"),
     "client-body": (_slow_body, _silent, {"client_body_timeout": SHORT}, b"HTTP/1.1 408"),
     "client-keepalive": (
-        _keepalive,
+        _after_the_head,
         _answering,
         {"client_keepalive_timeout": SHORT, "client_head_timeout": LONG},
         b"HTTP/1.1 200",
     ),
     "upstream-head": (_upstream_head, _silent, {"upstream_head_timeout": SHORT}, b"HTTP/1.1 504"),
     "upstream-idle": (
-        _upstream_idle,
+        _after_the_head,
         _stalling_body,
         {"upstream_idle_timeout": SHORT},
         b"HTTP/1.1 200",

@@ -4,7 +4,6 @@ with SIGKILL, through a store killed and restarted, and at start with a bad stor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import httpx
 import pytest
 from redisfixture import RedisServer, need_redis_server
 from relayfixture import RelayThread, eventually
+from relayprocess import RelayProcess as Relay
 from sglang_app import SGLangServer
 
 from relay.config import StoreAddress
@@ -239,74 +239,6 @@ def test_closed_answers_503_while_the_store_is_away_and_open_uses_own_limits(
 
 
 # -- several processes -------------------------------------------------------------------
-
-
-class Relay:
-    """relay as a subprocess; its stderr lines are kept (read by a thread)."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "--listen", "127.0.0.1:0", *args],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-        try:
-            line = self.wait_line(r"listening on 127\.0\.0\.1:(\d+)")
-        except BaseException:
-            self.kill()
-            raise
-        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", line).group(1))
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self.lines.append("")
-            self._changed.notify_all()
-
-    def wait_line(self, pattern: str, limit: float = LIMIT) -> str:
-        deadline = time.monotonic() + limit
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if re.search(pattern, line):
-                        return line
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.lines and self.lines[-1] == ""):
-                    raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.lines))
-                self._changed.wait(remaining)
-
-    def count(self, pattern: str) -> int:
-        with self._changed:
-            return sum(1 for line in self.lines if re.search(pattern, line))
-
-    def kill(self) -> None:
-        """SIGKILL the relay and (for --workers) its workers."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        try:
-            pids = [int(pid) for pid in children.read_text().split()]
-        except OSError:
-            pids = []
-        for pid in [self.process.pid, *pids]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.process.wait(LIMIT)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(LIMIT)
-        finally:
-            if self.process.poll() is None:
-                self.kill()
 
 
 @pytest.fixture

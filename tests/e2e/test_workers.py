@@ -11,7 +11,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from relayfixture import eventually
+from relayprocess import RelayProcess as Relay
 from sglang_app import SGLangServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -38,64 +38,6 @@ def sglang():
     server = SGLangServer().start()
     yield server
     server.stop()
-
-
-class Relay:
-    """relay as a subprocess whose stderr lines are kept (read by a thread)."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "--listen", "127.0.0.1:0", *args],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-        try:
-            line = self.wait_line(r"listening on 127\.0\.0\.1:(\d+)")
-        except BaseException:
-            self.process.kill()  # a relay that did not start must not outlive the test
-            self.process.wait(LIMIT)
-            raise
-        self.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", line).group(1))
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self.lines.append("")  # EOF marker
-            self._changed.notify_all()
-
-    def wait_line(self, pattern: str, limit: float = LIMIT) -> str:
-        """The first stderr line matching ``pattern`` (waits for it, bounded)."""
-        deadline = time.monotonic() + limit
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if re.search(pattern, line):
-                        return line
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.lines and self.lines[-1] == ""):
-                    raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.lines))
-                self._changed.wait(remaining)
-
-    def workers(self) -> list[int]:
-        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in path.read_text().split()]
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(LIMIT)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
 
 
 def gone(pid: int) -> bool:
