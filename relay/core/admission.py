@@ -180,6 +180,7 @@ class Ticket:
         *,
         admission: Admission | None = None,
         budget: Budget | None = None,
+        shared: SharedLease | None = None,
     ) -> None:
         self.metrics = metrics
         self.label = label
@@ -198,7 +199,7 @@ class Ticket:
         self._max_usage = (
             admission.config.max_usage_bytes if admission is not None else Config.max_usage_bytes
         )
-        self._shared: SharedLease | None = None  # its leases in the shared store
+        self._shared = shared  # its leases in the shared store (--limits-store)
 
     def try_enter(self, pool: UpstreamPool) -> bool:
         """Hold a ``--max-inflight`` slot on ``pool``'s upstream without waiting, if
@@ -399,11 +400,11 @@ class Admission:
                     429, refusal.message, "rate_limit_exceeded", ((b"retry-after", retry),)
                 )
         self.in_flight[label] += 1
-        ticket = Ticket(self.metrics, label, admission=self, budget=budget)
+        shared = None
         if self.store is not None and (budget is not None or self.config.max_inflight):
             owner = ("addr:" + client_host if key is None else "key:" + key) if budget else None
-            ticket._shared = self.store.lease(label, owner, limits if budget else None)
-        return ticket
+            shared = self.store.lease(label, owner, limits if budget else None)
+        return Ticket(self.metrics, label, admission=self, budget=budget, shared=shared)
 
     def _prune(self, now: float) -> None:
         for name in [n for n, b in self._budgets.items() if b.idle(now)]:

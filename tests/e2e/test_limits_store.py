@@ -233,6 +233,11 @@ def test_closed_answers_503_while_the_store_is_away_and_open_uses_own_limits(
         text = closed.call(lambda: state.metrics.render(gauges=state.gauges))
         assert re.search(r"^relay_limits_store_errors_total [1-9]", text, re.M), text
         assert "\nrelay_limits_store_up 0" in text
+        # The refusal is the request's one result by key, not `admitted`.
+        assert re.search(
+            r'^relay_key_requests_total\{[^}]*result="store_unavailable"\} 1', text, re.M
+        )
+        assert 'result="admitted"' not in text, text
     with RelayThread(sglang.url, **common) as opened:
         assert post(opened.port, max_tokens=1).status_code == 200
         assert opened.metrics().limits_store_errors >= 1
