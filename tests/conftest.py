@@ -1,7 +1,8 @@
 """Shared fixtures, and the guarantee that the suite tests the installed relay.
 
-Helpers for tests live beside this file (harness, relayfixture, sglang_app)
-and are importable because setup.cfg puts tests/ on pytest's path.
+Helpers for tests live beside this file (harness, relayfixture, relayprocess,
+redisfixture, sglang_app) and are importable because setup.cfg puts tests/ on
+pytest's path; fixtures more than one test module uses are here.
 
 The suite runs against relay as pip installed it, never the checkout's
 ``relay/`` folder: a wheel that lacks a module must fail here, as it fails for
@@ -18,9 +19,11 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redisfixture import RedisServer, need_redis_server
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 FROM_CHECKOUT = os.environ.get("TEST_FROM_CHECKOUT") == "1"
@@ -66,3 +69,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def loop_kind(request: pytest.FixtureRequest) -> str:
     """Run the test under both event loops relay supports."""
     return request.param
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port (skips where it is not installed)."""
+    need_redis_server()
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()

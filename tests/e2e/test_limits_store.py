@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,14 +30,6 @@ pytestmark = pytest.mark.timeout(120)
 LIMIT = 20.0
 CHAT: dict[str, Any] = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}]}
 KEY = "sk-team"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    need_redis_server()
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="module")

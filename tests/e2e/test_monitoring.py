@@ -3,8 +3,9 @@
 The rules go through ``promtool`` (``check rules`` and the unit tests in
 ``deploy/prometheus/relay.rules.test.yml``). The dashboard's queries run on a
 real Prometheus (the distribution's package) that scrapes a relay carrying
-traffic: every query must parse and return data, so a renamed metric or a
-typo in a panel fails here, not on an operator's screen.
+traffic (and a second relay whose limits live in a real redis-server): every
+query must parse and return data, so a renamed metric or a typo in a panel
+fails here, not on an operator's screen.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import Any
 
 import httpx
 import pytest
+from redisfixture import RedisServer
 from relayfixture import RelayThread, eventually
 from sglang_app import SGLangLike, SGLangServer
 
-from relay.config import parse_listen
+from relay.config import StoreAddress, parse_listen
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "relay.rules.yml"
@@ -41,6 +43,12 @@ PROMETHEUS = shutil.which("prometheus")
 # Grafana's variables, as a dashboard user with everything selected has them.
 VARIABLES = {"$__rate_interval": "10s", "$job": ".+", "$instance": ".+"}
 WAIT = 30.0
+# Panels whose series are per relay: which relays each must show (the others, any).
+PER_INSTANCE = {
+    "Event loop lag": "every relay",
+    "Limits store up": "the relay with a store",
+    "Limits store errors and refusals": "the relay with a store",
+}
 
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)"
@@ -119,10 +127,24 @@ def test_the_dashboard_is_importable_as_is():
         "Queue length",
         "Queue wait",
         "Per-upstream errors",
+        *PER_INSTANCE,
     } <= titles
     heatmaps = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
     assert {p["title"] for p in heatmaps} == {"Time to first token (TTFT)", "Inter-token gap"}
     assert all(t["format"] == "heatmap" for p in heatmaps for t in p["targets"])
+
+
+def test_the_dashboard_panels_fit_the_grid_without_overlapping():
+    """Every panel lies within Grafana's 24 columns, and no two panels share a cell."""
+    taken: dict[tuple[int, int], str] = {}
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] >= 0 and pos["y"] >= 0 and pos["w"] > 0 and pos["h"] > 0, panel["title"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken[x, y]}"
+                taken[x, y] = panel["title"]
 
 
 class Upstream(SGLangLike):
@@ -143,9 +165,9 @@ def free_port() -> int:
 
 
 class Prometheus:
-    """A real Prometheus in a temporary directory, scraping one target every 500 ms."""
+    """A real Prometheus in a temporary directory, scraping its targets every 500 ms."""
 
-    def __init__(self, workdir: Path, target: str, *, rules: Path | None = None) -> None:
+    def __init__(self, workdir: Path, targets: list[str], *, rules: Path | None = None) -> None:
         assert PROMETHEUS is not None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -156,7 +178,7 @@ class Prometheus:
                 "evaluation_interval": "1s",
             },
             "rule_files": [str(rules)] if rules else [],
-            "scrape_configs": [{"job_name": "relay", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [{"job_name": "relay", "static_configs": [{"targets": targets}]}],
         }
         (workdir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
         self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 (closed in stop)
@@ -282,33 +304,85 @@ def traffic(relay: RelayThread) -> None:
         sock.recv(4096)
 
 
+def store_traffic(relay: RelayThread, redis: RedisServer) -> None:
+    """Requests through the relay whose limits live in ``redis``: admitted while the store
+    answers, refused (503 store_unavailable: closed) while it is away, admitted again
+    once it is back."""
+    assert relay.server is not None
+    store = relay.server.state.admission.store
+    assert store is not None
+    with httpx.Client(base_url=relay.url, timeout=WAIT) as client:
+
+        def status() -> int:
+            body = {**stream_request(max_tokens=1), "stream": False}
+            return client.post("/v1/chat/completions", json=body).status_code
+
+        assert status() == 200
+        redis.kill()
+        assert status() == 503
+        redis.start()  # empty, on the same port
+        eventually(lambda: relay.call(lambda: store.up), WAIT)
+        assert status() == 200
+
+
 @pytest.fixture
-def monitored(tmp_path: Path) -> Iterator[tuple[RelayThread, Prometheus]]:
+def monitored(
+    tmp_path: Path, redis_server: RedisServer
+) -> Iterator[tuple[RelayThread, RelayThread, Prometheus]]:
+    """A relay, a second one sharing its limits through ``redis_server``, one upstream,
+    and a Prometheus scraping both relays' admin listeners."""
     upstream = SGLangServer(Upstream()).start()
-    relay = RelayThread(
-        upstream.url, admin_listen=parse_listen(f"127.0.0.1:{free_port()}"), max_inflight=2
-    ).start()
-    prometheus = Prometheus(tmp_path, f"127.0.0.1:{admin_port(relay)}", rules=RULES)
+    relays: list[RelayThread] = []
+    prometheus: Prometheus | None = None
     try:
+        relays.append(
+            RelayThread(
+                upstream.url, admin_listen=parse_listen(f"127.0.0.1:{free_port()}"), max_inflight=2
+            ).start()
+        )
+        relays.append(
+            RelayThread(
+                upstream.url,
+                admin_listen=parse_listen(f"127.0.0.1:{free_port()}"),
+                max_inflight=4,  # a shared limit: every request asks the store
+                limits_store=StoreAddress("127.0.0.1", redis_server.port),
+                limits_store_failure="closed",
+            ).start()
+        )
+        targets = [f"127.0.0.1:{admin_port(relay)}" for relay in relays]
+        prometheus = Prometheus(tmp_path, targets, rules=RULES)
         prometheus.wait_ready()
         # Prometheus starts scraping a few seconds after it is ready.
-        eventually(lambda: bool(prometheus.query("up")["data"]["result"]), WAIT)
-        yield relay, prometheus
+        scraped = prometheus
+        eventually(lambda: len(scraped.query("up")["data"]["result"]) == len(targets), WAIT)
+        yield relays[0], relays[1], prometheus
     finally:
-        prometheus.stop()
-        relay.stop()
+        if prometheus is not None:
+            prometheus.stop()
+        for relay in relays:
+            relay.stop()
         upstream.stop()
 
 
 @needs_prometheus
 @pytest.mark.slow
 def test_every_dashboard_query_parses_and_returns_data_from_a_real_prometheus(
-    monitored: tuple[RelayThread, Prometheus], tmp_path: Path
+    monitored: tuple[RelayThread, RelayThread, Prometheus],
+    redis_server: RedisServer,
+    tmp_path: Path,
 ) -> None:
-    """A real Prometheus scrapes a relay carrying streams (queued, cut, left, slow, failed):
-    every panel's query parses and returns data, and the rules file loads and evaluates."""
-    relay, prometheus = monitored
+    """A real Prometheus scrapes a relay carrying streams (queued, cut, left, slow, failed)
+    and one whose shared limits store went away and came back: every panel's query parses
+    and returns data (the per-relay panels, for each relay they concern), and the rules
+    file loads and evaluates."""
+    relay, store_relay, prometheus = monitored
     slow_reader(relay)
+    store_traffic(store_relay, redis_server)
+    every = {f"127.0.0.1:{admin_port(r)}" for r in (relay, store_relay)}
+    concerned = {
+        "every relay": every,
+        "the relay with a store": {f"127.0.0.1:{admin_port(store_relay)}"},
+    }
     queries = dashboard_queries()
     missing: list[str] = []
     deadline = time.monotonic() + WAIT
@@ -318,12 +392,18 @@ def test_every_dashboard_query_parses_and_returns_data_from_a_real_prometheus(
         for title, expr in queries:
             answer = prometheus.query(expr)
             assert answer["status"] == "success", f"{title}: {expr}: {answer.get('error')}"
-            if not answer["data"]["result"]:
+            result = answer["data"]["result"]
+            if not result:
                 missing.append(f"{title}: {expr}")
+            elif title in PER_INSTANCE:
+                shown = {series["metric"].get("instance") for series in result}
+                if shown != concerned[PER_INSTANCE[title]]:
+                    missing.append(f"{title}: {expr}: instances {sorted(map(str, shown))}")
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert not missing, "queries without data:\n" + "\n".join(missing)
+    detail = "\n".join(missing)
+    assert not missing, f"queries without data (or not for the relays they concern):\n{detail}"
     # The rules file loads into a real Prometheus and every rule evaluates cleanly.
     text = RULES.read_text()
     assert len(prometheus_rules(prometheus)) == text.count("- record:") + text.count("- alert:")
@@ -331,7 +411,7 @@ def test_every_dashboard_query_parses_and_returns_data_from_a_real_prometheus(
     for rule in prometheus_rules(prometheus):
         assert rule["health"] == "ok", rule
     up = prometheus.query('up{job="relay"}')["data"]["result"]
-    assert [sample["value"][1] for sample in up] == ["1"]
+    assert [sample["value"][1] for sample in up] == ["1", "1"]
     render_check(prometheus, tmp_path)
 
 
