@@ -48,10 +48,11 @@ __all__ = [
 ]
 
 #: Items a stream keeps (:class:`StreamTail`: a read, or the reads of one
-#: unfinished event); a JSON body of unknown size keeps at least this many
-#: reads. The usage event, ``[DONE]`` and the last chunk may each come in a
-#: read of its own, and a usage event cut into reads takes two items.
+#: unfinished event). The usage event, ``[DONE]`` and the last chunk may each
+#: come in a read of its own, and a usage event cut into reads takes two items.
 TAIL_READS = 4
+#: Fewest reads a JSON body of unknown size keeps.
+JSON_TAIL_READS = 8
 #: Average bytes a read of a JSON body is assumed to carry when the count of
 #: reads kept is derived from ``--max-usage-bytes``: a big body comes in big reads.
 READ_BYTES = 16 * 1024
@@ -83,7 +84,7 @@ def reads_kept(max_bytes: int) -> int:
     A count, not bytes, so that keeping one is a C ``deque.append`` per read;
     the bytes held are at most this many reads.
     """
-    return max(TAIL_READS, max_bytes // READ_BYTES)
+    return max(JSON_TAIL_READS, max_bytes // READ_BYTES)
 
 
 class _EventReads(deque[bytes]):
