@@ -141,13 +141,6 @@ class StreamTail(deque[bytes | _EventReads]):
         self.size = 0
         self.count = 0
 
-    def keep(self, read: bytes) -> None:
-        """Keep a reference to ``read``: what the exchange does inline, per read."""
-        if read.endswith(b"\n"):
-            self.append(read)
-        else:
-            self.mid_line(read)
-
     def mid_line(self, read: bytes) -> None:
         """``read`` ends inside a line: keep it with the reads of its event."""
         last = self[-1] if self else None
