@@ -3,6 +3,7 @@
     python -m bench.run            # everything, a few minutes on 2 cores
     python -m bench.run --quick    # the smallest scenario only (smoke test)
     python -m bench.run --held     # only N held streams (1000, 4000, 8000), relay and nginx
+    python -m bench.run --paced 1000 --paced-rounds 3   # only paced N=1000, relay and nginx
 
 Writes bench/results/{results.json,results.md,timeline.png} and prints the
 table. Targets are reported as pass/fail lines, never asserted: they are
@@ -169,6 +170,42 @@ def paced(quick: bool) -> dict[str, dict[str, Any]]:
             peer.stop()
         streamer.stop()
     return out
+
+
+def paced_only(sizes: tuple[int, ...], rounds: int) -> int:
+    """``--paced``: the paced scenario alone, relay beside nginx, fresh processes each
+    round (the peak RSS is the process's); prints every round and the medians."""
+    streamer = start_streamer()
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    try:
+        for round_ in range(rounds):
+            for start in (start_relay, start_nginx):
+                peer = start(streamer.port)
+                if peer is None:
+                    print("nginx not installed: relay only", file=sys.stderr)
+                    continue
+                try:
+                    for n in sorted(sizes):
+                        summary = run_loop(measure(peer, n, TOKENS, GAP_MS, TTFT_MS, 1, peer))
+                        runs.setdefault(f"N={n}", {}).setdefault(peer.name, []).append(summary)
+                        print(
+                            f"  round {round_ + 1} N={n:<5} {peer.name:6} "
+                            f"errors={summary['errors']} "
+                            f"added p99={summary['added_ms_p99']:.2f} ms "
+                            f"peak RSS={summary['peak_rss_mb']:.1f} MB",
+                            flush=True,
+                        )
+                finally:
+                    peer.stop()
+    finally:
+        streamer.stop()
+    print(f"\nmedians of {rounds} round(s):")
+    for scenario, peers in runs.items():
+        for name, summaries in peers.items():
+            p99 = statistics.median(s["added_ms_p99"] for s in summaries)
+            rss = statistics.median(s["peak_rss_mb"] for s in summaries)
+            print(f"  {scenario:7} {name:6} added p99 {p99:.2f} ms, peak RSS {rss:.1f} MB")
+    return 0
 
 
 def saturation() -> dict[str, dict[str, Any]]:
@@ -828,6 +865,19 @@ def main(argv: list[str] | None = None) -> int:
         help="held streams opened per second during the ramp (default: %(default)s)",
     )
     parser.add_argument(
+        "--paced",
+        metavar="N[,N...]",
+        help="only the paced scenario at these stream counts (relay beside nginx), printed, "
+        "not written",
+    )
+    parser.add_argument(
+        "--paced-rounds",
+        type=int,
+        default=1,
+        help="with --paced: rounds, each with fresh processes; medians printed "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--keys-redis",
         action="store_true",
         help="only relay-keys beside relay-keys-redis (limits shared through a local "
@@ -839,6 +889,9 @@ def main(argv: list[str] | None = None) -> int:
     set_held_open_rate(args.held_open_rate)
     if args.held:
         return held_only(sizes, args.held_tokens, args.held_rounds)
+    if args.paced:
+        print("paced streams (24 ms gaps, 250 ms to first token):", flush=True)
+        return paced_only(tuple(int(n) for n in args.paced.split(",")), args.paced_rounds)
     if args.keys_redis:
         print("keys shared through redis (one-token streams, relays pinned):", flush=True)
         shared = keys_redis()

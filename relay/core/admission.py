@@ -14,11 +14,13 @@ The decisions live in the sans-IO layer (``relay/http/limits.py``,
   exchange's connect task, so a client that leaves (its task is cancelled)
   leaves the queue at once, and a slot handed to it is passed on.
 * :class:`Ticket` is one exchange's share: it keeps references to the last
-  reads the exchange forwarded (a ``deque.append`` per read, nothing else on
-  the hot path) and settles once when the exchange ends: usage read from
-  those reads, tokens counted by key and model, the key's budget debited,
-  its concurrency and its upstream slot released. Every ending goes through
-  the exchange's one ``_end``, so nothing leaks when a stream is cut.
+  reads the exchange forwarded (a look at the read's last byte and a
+  ``deque.append`` per read; a Python call only for a read of an event
+  stream that ends inside a line, see :class:`BodyHooks`) and settles once
+  when the exchange ends: usage read from those reads, tokens counted by
+  key and model, the key's budget debited, its concurrency and its upstream
+  slot released. Every ending goes through the exchange's one ``_end``, so
+  nothing leaks when a stream is cut.
 
 Without ``--limits-store`` all of it is per relay process. With it, a
 ticket also carries a lease in the shared store (``relay/core/limitstore.py``):
@@ -32,7 +34,7 @@ import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..config import Config
 from ..http.auth import NamedKey
@@ -40,6 +42,7 @@ from ..http.errors import RelayError
 from ..http.limits import Budget, FairQueue, KeyLimits
 from ..http.usage import (
     NO_USAGE,
+    StreamTail,
     Usage,
     estimate_json,
     reads_kept,
@@ -54,7 +57,16 @@ if TYPE_CHECKING:
     from .metrics import Gauges, Metrics
     from .upstream import UpstreamPool
 
-__all__ = ["ANONYMOUS", "IGNORE_READ", "OTHER_MODEL", "Admission", "Gate", "Ticket"]
+__all__ = [
+    "ANONYMOUS",
+    "IGNORE_READ",
+    "NO_HOOKS",
+    "OTHER_MODEL",
+    "Admission",
+    "BodyHooks",
+    "Gate",
+    "Ticket",
+]
 
 #: The key label of requests when no keys are configured.
 ANONYMOUS = "anonymous"
@@ -68,6 +80,30 @@ PRUNE_AT = 1024
 #: is not read. A C method (a deque that holds nothing), not a Python function,
 #: because it runs on every read of the hot path.
 IGNORE_READ: Callable[[bytes], None] = deque(maxlen=0).append
+
+
+class BodyHooks(NamedTuple):
+    """Where the exchange hands each read of a response body, for its usage.
+
+    Per read the exchange inlines :meth:`feed`: ``keep(read)`` (C) when the
+    read ends with a line feed, else ``mid_line(read)``, a Python call only
+    for a read of an event stream (:class:`~relay.http.usage.StreamTail`);
+    for any other body both are the same C method.
+    """
+
+    keep: Callable[[bytes], None]
+    mid_line: Callable[[bytes], None]
+
+    def feed(self, read: bytes) -> None:
+        """Hand ``read`` (not empty) over, as the exchange does inline."""
+        if read[-1] == 10:
+            self.keep(read)
+        else:
+            self.mid_line(read)
+
+
+#: A body whose usage is not read: every read goes to the C no-op.
+NO_HOOKS = BodyHooks(IGNORE_READ, IGNORE_READ)
 
 
 class Gate:
@@ -187,7 +223,7 @@ class Ticket:
         self.admission = admission
         self.budget = budget
         self._gate: Gate | None = None
-        self._reads: deque[bytes] | None = None
+        self._reads: deque[bytes] | StreamTail | None = None
         self._kind = ""  # "stream", "json" or "" (not counted)
         self._chunked = False
         self._settled: Usage | None = None
@@ -263,19 +299,17 @@ class Ticket:
         if gate is not None:
             gate.leave()
 
-    def response_started(
-        self, status: int, headers: Iterable[tuple[bytes, bytes]]
-    ) -> Callable[[bytes], None]:
-        """The per-read hook for this response's body: where to keep a reference.
+    def response_started(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> BodyHooks:
+        """The per-read hooks for this response's body: where to keep a reference.
 
-        A stream, and a JSON body of unknown length or larger than
-        ``--max-usage-bytes``, keep their last :func:`reads_kept` reads; a
-        JSON body of known length up to that bound keeps all of them;
-        anything else keeps none. Either way a count of reads (a C
-        ``deque.append`` per read), never a copy.
+        A stream keeps its last few reads, and those of an event still
+        unfinished up to ``--max-usage-bytes`` (:class:`StreamTail`); a JSON
+        body of unknown length or larger than that bound keeps its last
+        :func:`reads_kept` reads, one of known length up to the bound all of
+        them; anything else keeps none. References, never a copy.
         """
         if not 200 <= status < 300:
-            return IGNORE_READ
+            return NO_HOOKS
         media = b""
         length: int | None = None
         for name, value in headers:
@@ -288,15 +322,18 @@ class Ticket:
                 self._chunked = True
         if media == b"text/event-stream":
             self._kind = "stream"
-        elif media == b"application/json":
-            self._kind = "json"
-            if length is not None and length <= self._max_usage:
-                self._reads = deque()  # the whole body: at most the bound
-                return self._reads.append
+            tail = StreamTail(self._max_usage)
+            self._reads = tail
+            return BodyHooks(tail.append, tail.mid_line)
+        if media != b"application/json":
+            return NO_HOOKS
+        self._kind = "json"
+        if length is not None and length <= self._max_usage:
+            reads: deque[bytes] = deque()  # the whole body: at most the bound
         else:
-            return IGNORE_READ
-        self._reads = deque(maxlen=reads_kept(self._max_usage))
-        return self._reads.append
+            reads = deque(maxlen=reads_kept(self._max_usage))
+        self._reads = reads
+        return BodyHooks(reads.append, reads.append)
 
     def settle(
         self, bytes_out: int, requested_model: str | None, forwarded_model: str | None
@@ -307,10 +344,11 @@ class Ticket:
         """
         if self._settled is not None:
             return self._settled
-        reads, self._reads = self._reads, None
+        kept, self._reads = self._reads, None
         usage = NO_USAGE
-        if reads:
+        if kept:
             bound = self._max_usage
+            reads = kept.reads() if isinstance(kept, StreamTail) else kept
             if self._kind == "stream":
                 usage = usage_from_stream(reads, bytes_out, max_bytes=bound)
             else:

@@ -65,7 +65,7 @@ from ..http.outgoing import OutgoingRequest
 from ..http.requestplan import RequestPlan, plan_request
 from ..http.rewrite import InspectBudget
 from .accesslog import log_exchange, text_value
-from .admission import IGNORE_READ, Ticket
+from .admission import NO_HOOKS, Ticket
 from .fidelity import StreamWatch
 from .upstream import (
     ConnectError,
@@ -230,9 +230,10 @@ class Exchange:
         self._per_read = self._fid.per_read  # the digest or keep-alives see every read
         self._client_backlog = client.transport.get_write_buffer_size
         # Keys, limits and usage (core/admission.py): the ticket the client
-        # connection was admitted with; _tail keeps references to the last reads.
+        # connection was admitted with; _tail keeps references to the last
+        # reads (the ticket's BodyHooks, unpacked for the hot path).
         self.ticket = ticket if ticket is not None else Ticket(metrics)
-        self._tail: Callable[[bytes], None] = IGNORE_READ
+        self._tail, self._tail_mid_line = NO_HOOKS
 
         headers = request_headers_for_upstream(
             request.headers.raw_items(),
@@ -538,7 +539,13 @@ class Exchange:
                 if backlog or self._per_read:
                     self._fid.read(data, taken, backlog, self.pool)
                 self._write_body(data if taken == len(data) else data[:taken])
-                self._tail(data)  # a reference for the usage, read at the end
+                # A reference for the usage, read at the end (BodyHooks.feed,
+                # inlined): a read that ends inside a line, so inside an
+                # event, is kept with the rest of its event.
+                if data[-1] == 10:  # b"\n"
+                    self._tail(data)
+                else:
+                    self._tail_mid_line(data)
             if framer.complete:
                 if taken != len(data):
                     self._upstream_reusable = False  # bytes after the end: not HTTP
@@ -648,7 +655,7 @@ class Exchange:
                 write = client.transport.write
                 self._write_body = lambda data: write(encode_chunk(data))
         self._fid.head(status, raw, plan.body, framing, self._framer)
-        self._tail = self.ticket.response_started(status, read)
+        self._tail, self._tail_mid_line = self.ticket.response_started(status, read)
         self._upstream_reusable = (
             self._framer.reusable and conn.their_http_version == b"1.1" and not closes
         )

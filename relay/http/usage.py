@@ -3,7 +3,10 @@
 relay never parses a response as it streams. The exchange keeps references
 to the last reads it already forwarded (no copy, a bounded count); when the
 exchange ends, these functions read the usage from them, once, looking at
-most at the last ``max_bytes`` (``--max-usage-bytes``):
+most at the last ``max_bytes`` (``--max-usage-bytes``). A stream keeps its
+last few reads (:class:`StreamTail`), and more only while an event is
+unfinished at the end of a read, so that a big final event is kept whole
+while thousands of held streams of small events keep a few reads each:
 
 * a non-streaming JSON response (OpenAI ``usage``, or SGLang's native
   ``meta_info``) is parsed whole when relay held all of it; otherwise its
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +36,9 @@ from .framing import ChunkedFramer, FramingError
 
 __all__ = [
     "BYTES_PER_TOKEN",
+    "MIN_EVENT_READ_BYTES",
     "TAIL_READS",
+    "StreamTail",
     "Usage",
     "estimate_json",
     "reads_kept",
@@ -41,12 +47,20 @@ __all__ = [
     "usage_from_stream",
 ]
 
-#: Fewest reads kept (by reference): the usage event, [DONE] and the last
-#: chunk are often separate reads.
-TAIL_READS = 8
-#: Average bytes a read is assumed to carry when the count of reads kept is
-#: derived from ``--max-usage-bytes``: a big final event comes in big reads.
+#: Items a stream keeps (:class:`StreamTail`: a read, or the reads of one
+#: unfinished event). The usage event, ``[DONE]`` and the last chunk may each
+#: come in a read of its own, and a usage event cut into reads takes two items.
+TAIL_READS = 4
+#: Fewest reads a JSON body of unknown size keeps.
+JSON_TAIL_READS = 8
+#: Average bytes a read of a JSON body is assumed to carry when the count of
+#: reads kept is derived from ``--max-usage-bytes``: a big body comes in big reads.
 READ_BYTES = 16 * 1024
+#: Fewest bytes a read of an unfinished event is assumed to carry: a stream
+#: keeps at most ``--max-usage-bytes`` / this many of them, so that an
+#: upstream trickling an event byte by byte cannot make the references cost
+#: many times the bound.
+MIN_EVENT_READ_BYTES = 64
 #: Bytes of a JSON body taken for one token when its usage cannot be read
 #: (English text runs at about four characters a token).
 BYTES_PER_TOKEN = 4
@@ -64,12 +78,108 @@ _FRAMING_SLACK = 64 * 1024
 
 
 def reads_kept(max_bytes: int) -> int:
-    """How many reads a response keeps (references) to find ``max_bytes`` of usage in.
+    """How many reads a JSON body of unknown size keeps (references) to find
+    ``max_bytes`` of usage in.
 
     A count, not bytes, so that keeping one is a C ``deque.append`` per read;
     the bytes held are at most this many reads.
     """
-    return max(TAIL_READS, max_bytes // READ_BYTES)
+    return max(JSON_TAIL_READS, max_bytes // READ_BYTES)
+
+
+class _EventReads(deque[bytes]):
+    """Consecutive reads of a stream that ended inside an event: one item of a
+    :class:`StreamTail`, so that the event's start is kept with its end."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+
+class StreamTail(deque[bytes | _EventReads]):
+    """References to the last reads of an event stream, for its usage: a few
+    reads, plus every read of an event still unfinished, up to a bound.
+
+    The exchange hands each read over in one of two ways, by its last byte
+    (``data[-1] == 10``, a few bytecodes, no call), so the usual read costs no
+    Python call:
+
+    * a read that ends with a line feed: :meth:`append` (deque's own, C). No
+      line, so no event, runs on from it. Only the last :data:`TAIL_READS`
+      items are kept: the final usage event, ``[DONE]``, the last chunk.
+    * a read that ends inside a line: :meth:`mid_line`. Consecutive such
+      reads form one item, so an event that runs on from them is kept from
+      its start, however many reads it took, up to the read that ends it.
+
+    The line feed stands for an event's end because an event's data line of
+    JSON holds none: a read that ends with one ends the event, its data line
+    (only the blank line is left), or, chunked, a chunk or a chunk-size line.
+    An event of several data lines cut at one of its line ends takes one more
+    item; an event cut across chunks could not be read anyway (framing in
+    its JSON). Reads of a stream with CR-only line ends all take
+    :meth:`mid_line`, and are kept as one unfinished event.
+
+    Reads of unfinished events (all such items together) are kept up to
+    ``max_bytes`` (``--max-usage-bytes``: the usage is looked for in no more
+    than that, and a bigger event is charged an estimate) and up to
+    ``max_bytes`` / :data:`MIN_EVENT_READ_BYTES` reads; beyond, the oldest go
+    first. The bound is in bytes, not reads, because these reads cost a
+    Python call anyway, and so an event cut into small reads is kept as
+    whole as one that came in big reads.
+    """
+
+    __slots__ = ("count", "max_bytes", "max_reads", "size")
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__((), TAIL_READS)
+        self.max_bytes = max_bytes
+        self.max_reads = max(1, max_bytes // MIN_EVENT_READ_BYTES)
+        # Bytes and reads of unfinished events kept: an upper bound (an item
+        # that fell off the deque is still counted), made exact by _trim.
+        self.size = 0
+        self.count = 0
+
+    def mid_line(self, read: bytes) -> None:
+        """``read`` ends inside a line: keep it with the reads of its event."""
+        last = self[-1] if self else None
+        if not isinstance(last, _EventReads):
+            last = _EventReads()
+            self.append(last)  # the event, and so the item, starts in this read
+        last.append(read)
+        last.size += len(read)
+        self.size += len(read)
+        self.count += 1
+        if self.size > self.max_bytes or self.count > self.max_reads:
+            self._trim(last)
+
+    def _trim(self, last: _EventReads) -> None:
+        """Drop the oldest reads of unfinished events until within the bounds;
+        the read just kept stays."""
+        spans = [item for item in self if isinstance(item, _EventReads)]
+        size = sum(span.size for span in spans)
+        count = sum(map(len, spans))
+        for span in spans:  # the oldest first
+            while span and (size > self.max_bytes or count > self.max_reads):
+                if span is last and len(span) == 1:
+                    break
+                dropped = len(span.popleft())
+                span.size -= dropped
+                size -= dropped
+                count -= 1
+        self.size = size
+        self.count = count
+
+    def reads(self) -> list[bytes]:
+        """The reads kept, in order."""
+        out: list[bytes] = []
+        for item in self:
+            if isinstance(item, _EventReads):
+                out.extend(item)
+            else:
+                out.append(item)
+        return out
 
 
 @dataclass(frozen=True)

@@ -389,3 +389,122 @@ def test_a_final_usage_event_far_bigger_than_64_kib_is_charged_to_the_token_budg
             assert (await exchange(relay)).startswith(b"HTTP/1.1 429")
 
     run(loop_kind, main)
+
+
+class Lockstep:
+    """An upstream whose every write reaches relay's client before the next is made,
+    so that each is a read of its own in relay (the client's bytes are the signal)."""
+
+    def __init__(self) -> None:
+        self.forwarded = 0  # body bytes the client has received
+        self.moved = asyncio.Event()
+
+    async def write(self, writer: asyncio.StreamWriter, pieces: list[bytes]) -> None:
+        from harness import WAIT
+
+        sent = 0
+        for piece in pieces:
+            writer.write(piece)
+            sent += len(piece)
+            async with asyncio.timeout(WAIT):
+                while self.forwarded < sent:
+                    self.moved.clear()
+                    await self.moved.wait()
+
+    async def read(self, reader: asyncio.StreamReader, pieces: list[bytes]) -> None:
+        """Read the body relay forwards until ``pieces`` have come (after what came before)."""
+        from harness import WAIT
+
+        total = self.forwarded + sum(map(len, pieces))
+        async with asyncio.timeout(WAIT):
+            while self.forwarded < total:
+                piece = await reader.read(65536)
+                assert piece, "relay closed the stream early"
+                self.forwarded += len(piece)
+                self.moved.set()
+
+
+def test_a_final_usage_event_that_came_in_hundreds_of_reads_is_read_exactly(loop_kind):
+    """A 200 KiB final event that reaches relay 1 KiB per read (200 reads, far more than
+    a stream keeps of whole events) is kept from its start and read exactly."""
+    from harness import CHUNKED_HEAD, connect, read_head, read_request, request_bytes, run, setup
+
+    from relay.http.framing import LAST_CHUNK, encode_chunk
+
+    meta = {"prompt_tokens": 300, "completion_tokens": 4000}
+    final = encode_chunk(
+        f"data: {json.dumps({'text': 'word ' * 40_000, 'meta_info': meta})}\n\n".encode()
+    )
+    pieces = [encode_chunk(f"data: {json.dumps({'text': 'x'})}\n\n".encode())]
+    pieces += [final[i : i + 1024] for i in range(0, len(final), 1024)]
+    pieces += [encode_chunk(b"data: [DONE]\n\n"), LAST_CHUNK]
+    step = Lockstep()
+
+    async def upstream(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(CHUNKED_HEAD)
+        await step.write(writer, pieces)
+
+    async def main():
+        async with setup(upstream, max_usage_bytes=1024 * 1024) as (_, relay):
+            reader, writer = await connect(relay)
+            writer.write(request_bytes("/generate"))
+            await read_head(reader)
+            await step.read(reader, pieces)
+            writer.close()
+            metrics = relay.state.metrics
+            await until_true(lambda: sum(metrics.usage.values()) == 1)  # settled
+            assert metrics.usage["anonymous", "reported"] == 1
+            assert metrics.tokens["anonymous", "other", "prompt"] == 300
+            assert metrics.tokens["anonymous", "other", "completion"] == 4000
+
+    run(loop_kind, main)
+
+
+def test_a_held_stream_of_whole_events_keeps_only_its_last_few_reads(loop_kind):
+    """400 token events, each a read of its own: mid-stream, the exchange holds
+    references to at most TAIL_READS of them; its usage is still read at the end."""
+    from harness import CHUNKED_HEAD, connect, read_head, read_request, request_bytes, run, setup
+
+    from relay.http.framing import LAST_CHUNK, encode_chunk
+    from relay.http.usage import TAIL_READS
+
+    token = {"choices": [{"index": 0, "delta": {"content": " tok"}}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 400}}
+    tokens = [encode_chunk(f"data: {json.dumps(token)}\n\n".encode()) for _ in range(400)]
+    end = [encode_chunk(f"data: {json.dumps(usage)}\n\n".encode()), LAST_CHUNK]
+    step = Lockstep()
+    looked = asyncio.Event()
+
+    async def upstream(reader, writer, up):
+        await read_request(reader, up)
+        writer.write(CHUNKED_HEAD)
+        await step.write(writer, tokens)
+        await asyncio.wait_for(looked.wait(), LIMIT)
+        writer.write(b"".join(end))
+
+    async def main():
+        async with setup(upstream) as (_, relay):
+            reader, writer = await connect(relay)
+            writer.write(request_bytes())
+            await read_head(reader)
+            await step.read(reader, tokens)
+            (client,) = relay.state.connections
+            kept = client.exchange.ticket._reads
+            assert kept.maxlen == TAIL_READS and len(kept) == TAIL_READS
+            assert all(isinstance(read, bytes) for read in kept)  # whole reads, no event open
+            looked.set()
+            await step.read(reader, end)
+            writer.close()
+            metrics = relay.state.metrics
+            await until_true(lambda: sum(metrics.usage.values()) == 1)  # settled
+            assert metrics.usage["anonymous", "reported"] == 1
+            assert metrics.tokens["anonymous", "other", "completion"] == 400
+
+    run(loop_kind, main)
+
+
+async def until_true(condition: Callable[[], bool]) -> None:
+    from harness import until
+
+    await until(condition)

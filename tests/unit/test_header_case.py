@@ -16,7 +16,7 @@ import h11
 import pytest
 
 from relay.config import Config
-from relay.core.admission import IGNORE_READ, Ticket
+from relay.core.admission import NO_HOOKS, Ticket
 from relay.core.fidelity import StreamWatch
 from relay.core.metrics import Metrics
 from relay.http import fidelity, headers
@@ -43,7 +43,7 @@ def sse_watch(fields: Fields) -> bool:
 
 
 def usage_kept(fields: Fields) -> bool:
-    return Ticket(Metrics()).response_started(200, fields) is not IGNORE_READ
+    return Ticket(Metrics()).response_started(200, fields) is not NO_HOOKS
 
 
 def framing_refused(fields: Fields) -> bool:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from relay.config import Config
-from relay.core.admission import Ticket
+from relay.core.admission import Admission, Ticket
 from relay.core.metrics import Metrics
 from relay.http.auth import (
     KeyFileError,
@@ -22,6 +22,9 @@ from relay.http.auth import (
 )
 from relay.http.limits import Budget, FairQueue, KeyLimits
 from relay.http.usage import (
+    MIN_EVENT_READ_BYTES,
+    TAIL_READS,
+    StreamTail,
     usage_from_json,
     usage_from_json_tail,
     usage_from_stream,
@@ -271,15 +274,26 @@ def logprobs_stream(size: int, reads_of: int) -> list[bytes]:
     return [body[i : i + reads_of] for i in range(0, len(body), reads_of)]
 
 
-def kept_by_a_ticket(reads: list[bytes], head: list[tuple[bytes, bytes]]) -> Ticket:
-    ticket = Ticket(Metrics())
-    keep = ticket.response_started(200, head)
+def kept_by_a_ticket(
+    reads: list[bytes], head: list[tuple[bytes, bytes]], max_usage_bytes: int = BOUND
+) -> Ticket:
+    ticket = Admission(Config(max_usage_bytes=max_usage_bytes), Metrics()).admit(None, "client")
+    assert isinstance(ticket, Ticket)
+    hooks = ticket.response_started(200, head)
     for read in reads:
-        keep(read)
+        hooks.feed(read)
     return ticket
 
 
+def kept_reads(ticket: Ticket) -> list[bytes]:
+    """The reads a ticket holds references to, in order (before it settles)."""
+    kept = ticket._reads
+    assert kept is not None
+    return kept.reads() if isinstance(kept, StreamTail) else list(kept)
+
+
 SSE_HEAD = [(b"content-type", b"text/event-stream")]
+CHUNKED_SSE_HEAD = [*SSE_HEAD, (b"transfer-encoding", b"chunked")]
 
 
 @pytest.mark.parametrize("size", [100 * 1024, 1024 * 1024, 3 * 1024 * 1024])
@@ -295,6 +309,65 @@ def test_a_final_usage_event_far_bigger_than_64_kib_is_read(size):
 def test_a_usage_event_bigger_than_the_bound_is_charged_an_estimate_never_zero():
     reads = logprobs_stream(BOUND + 1024, 64 * 1024)
     ticket = kept_by_a_ticket(reads, SSE_HEAD)
+    usage = ticket.settle(sum(map(len, reads)), None, None)
+    assert usage.source == "estimated" and usage.completion > 0
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize(("size", "reads_of"), [(1024 * 1024, 1024), (100 * 1024, 100)])
+def test_a_final_usage_event_cut_into_many_small_reads_is_read_exactly(size, reads_of, chunked):
+    """However many reads the final event came in (here thousands, far more than a
+    stream keeps of whole events), it is kept from its start and read exactly."""
+    reads = logprobs_stream(size, reads_of)
+    head = SSE_HEAD
+    if chunked:
+        # One chunk for the whole body, cut where the socket cut it.
+        body = chunk(b"".join(reads)) + b"0\r\n\r\n"
+        reads = [body[i : i + reads_of] for i in range(0, len(body), reads_of)]
+        head = CHUNKED_SSE_HEAD
+    assert len(reads) > 16 * TAIL_READS
+    ticket = kept_by_a_ticket(reads, head)
+    usage = ticket.settle(sum(map(len, reads)), None, None)
+    assert (usage.prompt, usage.completion, usage.source) == (12, 34, "reported")
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_stream_of_whole_events_keeps_references_to_its_last_few_reads_only(chunked):
+    """A long stream whose reads each end an event holds at most TAIL_READS reads, the
+    last ones; an event cut across reads early on is not held to the end."""
+    events = [sse(dict(TOKEN, n=i)) for i in range(1000)]
+    events[10:11] = [events[10][:7], events[10][7:30], events[10][30:]]  # one event, 3 reads
+    reads = [chunk(e) for e in events] + [b"0\r\n\r\n"] if chunked else events
+    ticket = kept_by_a_ticket(reads, CHUNKED_SSE_HEAD if chunked else SSE_HEAD)
+    kept = ticket._reads
+    assert kept is not None and kept.maxlen == TAIL_READS
+    held = kept_reads(ticket)
+    assert len(held) <= TAIL_READS
+    assert all(a is b for a, b in zip(held, reads[-len(held) :], strict=True))
+
+
+@pytest.mark.parametrize("reads_of", [64 * 1024, 32 * 1024])
+def test_a_usage_event_over_the_bound_is_estimated_and_holds_no_more_than_the_bound(reads_of):
+    """An event twice the bound, in reads of any size: charged an estimate, never 0,
+    marked as one; what the stream held for it never much exceeded the bound."""
+    reads = logprobs_stream(2 * BOUND, reads_of)
+    ticket = kept_by_a_ticket(reads, SSE_HEAD)
+    held = sum(map(len, kept_reads(ticket)))
+    assert held <= BOUND + TAIL_READS * reads_of
+    usage = ticket.settle(sum(map(len, reads)), None, None)
+    assert usage.source == "estimated" and usage.prompt == 0 and usage.completion > 0
+
+
+def test_an_event_trickled_in_tiny_reads_is_held_up_to_a_count_of_reads_no_more():
+    """Reads of a few bytes each: the stream keeps up to --max-usage-bytes / 64 of
+    them, so their references never cost many times the bound."""
+    bound = 64 * 1024
+    reads = logprobs_stream(4 * bound, 16)
+    ticket = kept_by_a_ticket(reads, SSE_HEAD, max_usage_bytes=bound)
+    held = kept_reads(ticket)
+    limit = bound // MIN_EVENT_READ_BYTES
+    assert limit <= len(held) <= limit + TAIL_READS
+    assert held[-1] is reads[-1]
     usage = ticket.settle(sum(map(len, reads)), None, None)
     assert usage.source == "estimated" and usage.completion > 0
 
