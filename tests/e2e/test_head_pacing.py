@@ -383,3 +383,41 @@ def test_the_head_deadline_runs_while_a_request_waits_for_its_turn(loop_kind, mo
             await until(lambda: not relay.state.connections)
 
     run(loop_kind, main, limit=30)
+
+
+def test_a_drain_answers_a_request_still_waiting_for_its_turn(loop_kind, monkeypatch):
+    """A request that arrived before the drain began, but waits for its turn to
+    start, is answered 503 (closing) when its turn comes, not cut unanswered."""
+
+    async def main() -> None:
+        upstream = RawUpstream()
+        config = Config(
+            listen=parse_listen("127.0.0.1:0"),
+            upstream=parse_upstream(f"127.0.0.1:{upstream.port}"),
+        )
+        relay = await RelayServer.start(config)
+        try:
+            pacer = relay.state.head_pacer
+            pacer.budget = 0.0
+            # Hold the queue still until the drain has begun.
+            monkeypatch.setattr(pacer, "_turn", lambda: None)
+            sock = await raw_client(relay)
+            sock.send(get("/waiting"))
+            await until(lambda: len(pacer) == 1)
+            closing = asyncio.create_task(relay.close(drain_timeout=WAIT))
+            await until(lambda: relay.state.draining)
+            monkeypatch.undo()
+            pacer._handle = None
+            pacer.spent(0.0)  # the next turn comes
+            answer = await read_until(sock, lambda d: d.endswith(b"}"))
+            assert answer.startswith(b"HTTP/1.1 503"), answer
+            assert b"shutting down" in answer
+            await asyncio.wait_for(closing, WAIT)
+            assert len(pacer) == 0
+            assert upstream.served == []
+            sock.close()
+        finally:
+            await relay.close()
+            upstream.close()
+
+    run(loop_kind, main, limit=30)
