@@ -10,8 +10,9 @@ every head (the held bench at N=4000 showed 227 heads started in one turn).
 :class:`HeadPacer` gives new requests a budget of wall time per loop turn
 (``HEAD_TURN``). Once a turn has spent it, a connection whose bytes would
 start a request stops reading and waits in a FIFO; later turns take the
-waiting connections first, again up to the budget, before any newer head. Token reads and request bodies never pass
-through here: only the start of a request waits.
+waiting connections first, again up to the budget, before any newer head.
+Token reads and request bodies never pass through here: only the start of a
+request waits.
 
 When "the next turn" comes depends on the loop, and both orders work: the
 pacer's callback is a ``call_soon``. asyncio runs it at the start of the next
