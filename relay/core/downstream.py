@@ -71,6 +71,10 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False  # the client's write buffer is above its high mark
         self._paused_for_buffer = False
         self._paused_for_upstream = False
+        # Waiting in the head pacer's queue for a loop turn with budget to
+        # start the request its buffered bytes begin (reading paused meanwhile).
+        self._deferred = False
+        self._pacer = state.head_pacer
         self._closed = False
         # A body of known length read without h11 (see the module docstring):
         # the bytes still to come, and what came and was not taken yet (body
@@ -123,11 +127,15 @@ class ClientConnection(asyncio.Protocol):
         if self._own_body:
             self._body_data(data)
             return
-        if self._reading_head:
-            self._head_bytes += data
         self._h11.receive_data(data)
         self._unprocessed += len(data)
-        self._process()
+        if not self._reading_head:
+            self._process()  # a chunked body or a pipelined request: never deferred
+            return
+        self._head_bytes += data
+        if not self._deferred:
+            self._start_or_defer()
+        # else: it waits in h11's buffer for the connection's turn (reading is paused)
 
     def eof_received(self) -> bool | None:
         exchange = self.exchange
@@ -141,6 +149,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.state.connections.discard(self)
+        self._leave_pacer()
         self._cancel_timer()
         self._cancel_linger()
         exchange, self.exchange = self.exchange, None
@@ -157,6 +166,45 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         if self.exchange is not None:
             self.exchange.client_resume_writing()
+
+    # -- starting a request: a share of each loop turn --------------------------------
+    def _start_or_defer(self) -> None:
+        """Parse the buffered head and start its request now, or in a later turn.
+
+        When this loop turn's budget for new requests is spent (a burst of
+        heads arrived in one poll; see ``core/headpacer.py``), the connection
+        stops reading and waits in the pacer's FIFO, so the token reads of
+        streams already open go first. The head deadline keeps running from
+        when the head began to arrive.
+        """
+        pacer = self._pacer
+        if pacer.may_start():
+            self._start_timed()
+            return
+        self._deferred = True
+        self._update_reading()  # pause: nothing more is read until its turn
+        pacer.defer(self)
+
+    def start_request(self) -> None:
+        """The pacer's turn came: start the request the buffered bytes begin."""
+        if not self._deferred or self._closed:
+            return
+        self._deferred = False
+        try:
+            self._start_timed()
+        finally:
+            self._update_reading()  # read again, unless something else holds it
+
+    def _start_timed(self) -> None:
+        clock = self._pacer.clock
+        started = clock()
+        self._process()
+        self._pacer.spent(clock() - started)
+
+    def _leave_pacer(self) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._pacer.discard(self)
 
     # -- request processing ------------------------------------------------
     def _process(self) -> None:
@@ -254,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self._closed:
             return
-        if self._paused_for_buffer or self._paused_for_upstream:
+        if self._paused_for_buffer or self._paused_for_upstream or self._deferred:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -452,7 +500,10 @@ class ClientConnection(asyncio.Protocol):
         self.state.ticker.schedule(self, self._deadline)
         if closed:
             self._h11.receive_data(b"")
-        self._process()
+        if data:
+            self._start_or_defer()  # a pipelined request starts like any other
+        else:
+            self._process()  # nothing buffered: h11 has nothing to parse (or only the end)
 
     def send_error(self, error: RelayError) -> None:
         """Answer ``error`` (no response byte was sent yet) and close."""
@@ -495,6 +546,7 @@ class ClientConnection(asyncio.Protocol):
         """No more requests: deadlines off, an exchange in flight aborted."""
         self._closed = True
         self._cancel_timer()
+        self._leave_pacer()
         exchange, self.exchange = self.exchange, None
         if exchange is not None and exchange.phase is not Phase.DONE:
             exchange.abort(ending)

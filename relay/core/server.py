@@ -301,6 +301,7 @@ class RelayServer:
             log.warning("drain timeout: cutting %d streams still in flight", busy)
         for conn in list(state.connections):
             conn.close(Ending.DRAIN)  # a stream still in flight is cut by the drain
+        state.head_pacer.close()
         for task in self.health_tasks:
             task.cancel()
         state.router.close()

@@ -18,6 +18,7 @@ from ..config import Config, ConfigError
 from ..http.auth import KeyFileError, KeyRing, NamedKey, named, parse_named_keys
 from ..http.rewrite import InspectBudget
 from .admission import Admission
+from .headpacer import HeadPacer
 from .metrics import Metrics
 from .ticker import Ticker, tick_interval
 from .tls import TLSError, server_context, upstream_context
@@ -120,6 +121,8 @@ class ServerState:
         # a socket too, so they count against --max-connections.
         self.handshakes: set[asyncio.Task[None]] = set()
         self.draining = False
+        # New requests' share of each loop turn; connections waiting for one.
+        self.head_pacer = HeadPacer(settled=self.exchange_settled)
         # Set by the server when --otel is on (never by a preflight's state).
         self.tracing: Tracing | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -149,7 +152,9 @@ class ServerState:
         }
 
     def busy(self) -> bool:
-        return any(conn.exchange is not None for conn in self.connections)
+        """Whether an exchange is in flight, or a request waits for its turn to start
+        (while draining it is answered 503 then, rather than cut unanswered)."""
+        return bool(self.head_pacer) or any(conn.exchange is not None for conn in self.connections)
 
     def reload(self) -> None:
         """SIGHUP: reload the certificate and the key file; keep serving on failure.
