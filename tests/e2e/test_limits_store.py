@@ -213,6 +213,35 @@ def test_tokens_spent_through_one_relay_count_at_the_other(sglang, redis_server,
         assert "tokens per minute" in answer.json()["error"]["message"]
 
 
+def test_a_request_the_store_refuses_costs_nothing_of_the_local_rpm_budget(sglang, redis_server):
+    """concurrent=1, rpm=3 per key: while one relay's stream holds the key's slot, three
+    requests through the other are refused by the store (which takes nothing for them);
+    once the stream ends, the other relay still has its three requests a minute."""
+    from relay.http.auth import NamedKey
+
+    common: dict[str, Any] = {
+        "limits_store": store_of(redis_server),
+        "api_keys": (NamedKey("team", KEY),),
+        "key_max_concurrent": 1,
+        "key_rpm": 3,
+    }
+    with RelayThread(sglang.url, **common) as one, RelayThread(sglang.url, **common) as two:
+        busy = open_stream(one.port, max_tokens=30, test_gap_ms=20)
+        assert status_of(busy) == 200
+        for _ in range(3):
+            refused = post(two.port, max_tokens=1)
+            assert refused.status_code == 429, refused.text
+            assert "in flight" in refused.json()["error"]["message"]
+        assert b"[DONE]" in read_all(busy)
+        busy.close()
+        leases = "relay:{relay}:key:team:leases"
+        eventually(lambda: redis_server.command("ZCARD", leases) == b":0\r\n", LIMIT)
+        # The store's bucket has 2 left (one taken by the stream): two more pass there;
+        # locally they pass only if the refusals took nothing.
+        answers = [post(two.port, max_tokens=1) for _ in range(2)]
+        assert [a.status_code for a in answers] == [200, 200], answers[-1].text
+
+
 def test_closed_answers_503_while_the_store_is_away_and_open_uses_own_limits(
     sglang, tmp_path, loop_kind
 ):
