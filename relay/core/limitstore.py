@@ -68,6 +68,9 @@ log = logging.getLogger("relay.events")
 #: Calls waiting to be sent; beyond it a release is dropped (its lease runs
 #: out by itself) and an acquire counts as a store fault.
 MAX_QUEUED = 4096
+#: Releases that could not be sent while the store was away, sent when it is
+#: back; beyond it the oldest is dropped (its lease runs out by itself).
+MAX_UNSENT = 4096
 #: Script runs sent in one pipeline, and pipelines in flight at once: calls
 #: made while these are busy wait for the next pipeline (so under load many
 #: requests share one round trip and one write).
@@ -286,6 +289,10 @@ class SharedLease:
                 try:
                     answer = read_answer(await store.ask(keys, args))
                 except StoreFault:
+                    if not store.fail_open:
+                        # Refused below, so nothing will release what the store
+                        # may have taken before its answer was lost.
+                        store.forget(keys, self.id)
                     continue  # the store is away now: decided below
                 if not answer.limit:
                     self._took(upstream, confirmed=True)
@@ -351,6 +358,7 @@ class LimitStore:
         self._renew: Any = None
         self._shas: tuple[str, str] = ("", "")  # ACQUIRE's and RELEASE's
         self._queue: deque[_Call] = deque()
+        self._unsent: deque[_Call] = deque(maxlen=MAX_UNSENT)
         self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
         self._pipelines = 0
         self._kick_handle: asyncio.Handle | None = None
@@ -455,12 +463,26 @@ class LimitStore:
             lease.upstream = None
 
     def _spawn(self, keys: list[str], args: list[object], upstream: str | None) -> None:
+        call = _Call(RELEASE_CALL, keys, args, None, upstream)
         if not self.up or len(self._queue) >= MAX_QUEUED:
-            # Dropped: the lease runs out by itself within --limits-store-lease.
+            if not self.up:
+                self._unsent.append(call)  # sent when the store is back
+            # else dropped: the lease runs out by itself within --limits-store-lease.
             if upstream is not None:
                 self._wake(upstream)
             return
-        self._submit(_Call(RELEASE_CALL, keys, args, None, upstream))
+        self._submit(call)
+
+    def forget(self, keys: list[str], lease_id: str) -> None:
+        """An acquire whose answer never came, for a request that goes no further:
+        the store may have taken its leases; give them back once it answers."""
+        self._unsent.append(_Call(RELEASE_CALL, keys, [lease_id, 0, 0], None, None))
+
+    def _resend(self) -> None:
+        """The store is back: send the releases it missed while it was away."""
+        unsent = self._unsent
+        while unsent and len(self._queue) < MAX_QUEUED:
+            self._submit(unsent.popleft())
 
     async def ask(self, keys: list[str], args: list[object]) -> Any:
         """Run the acquire script (batched with others); :class:`StoreFault` if it fails."""
@@ -537,6 +559,9 @@ class LimitStore:
         except Exception as exc:
             self._failed(exc)
             replies = [StoreFault()] * len(batch)
+            # Whether they ran is unknown: releases go again once the store is back
+            # (giving a lease back twice is harmless; tokens may be debited twice).
+            self._unsent.extend(call for call in batch if call.future is None)
         finally:
             self._pipelines -= 1
             if self._queue and self._kick_handle is None:
@@ -614,6 +639,7 @@ class LimitStore:
                     continue
                 self.up = True
                 log.warning("limits store %s reachable again: limits are shared", self.where)
+                self._resend()
             await self.renew()
 
     async def renew(self) -> None:
