@@ -76,6 +76,13 @@ MAX_UNSENT = 4096
 #: requests share one round trip and one write).
 MAX_BATCH = 256
 MAX_PIPELINES = 4
+#: How long a release waits to share the pipeline of an acquire (seconds): its
+#: slot comes back this much later to other processes (a waiter of this
+#: process does not wait for it), and under load most releases cost no
+#: write and no round trip of their own.
+RELEASE_LINGER = 0.005
+#: Key names kept ready per (owner, upstream); beyond it they are built again.
+MAX_NAMES = 4096
 #: Leases renewed per call (one script run), so a call stays short.
 RENEW_BATCH = 512
 #: How often the store is pinged while it is away (seconds).
@@ -276,11 +283,7 @@ class SharedLease:
             (limits.tpm or 0) if take_key and limits else 0,
             gate.limit if gate is not None else 0,
         ]
-        keys = [
-            leases_key(self.owner) if self.owner else _NONE,
-            bucket_key(self.owner) if self.owner else _NONE,
-            leases_key("up:" + upstream) if upstream else _NONE,
-        ]
+        keys = store.names(self.owner, upstream)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (gate.timeout if gate is not None else 0.0)
         pause = RETRY_FIRST
@@ -359,6 +362,11 @@ class LimitStore:
         self._shas: tuple[str, str] = ("", "")  # ACQUIRE's and RELEASE's
         self._queue: deque[_Call] = deque()
         self._unsent: deque[_Call] = deque(maxlen=MAX_UNSENT)
+        # Releases waiting (at most RELEASE_LINGER) to ride with an acquire.
+        self._parked: list[_Call] = []
+        self._park_handle: asyncio.TimerHandle | None = None
+        self._names: dict[tuple[str | None, str | None], list[str]] = {}
+        self._pack: Any = None  # hiredis's packer, when installed
         self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
         self._pipelines = 0
         self._kick_handle: asyncio.Handle | None = None
@@ -374,6 +382,13 @@ class LimitStore:
         release = self._client.register_script(RELEASE)
         self._shas = (acquire.sha, release.sha)
         self._renew = self._client.register_script(RENEW)
+        try:
+            # One C call per command, what redis-py's own packer ends in after
+            # encoding every argument again in Python.
+            from hiredis import pack_command
+        except ImportError:
+            pack_command = None
+        self._pack = pack_command
         self._went_away = asyncio.Event()
         self._keeper = asyncio.get_running_loop().create_task(self._keep())
 
@@ -381,6 +396,7 @@ class LimitStore:
         """Stop renewing; let releases finish (bounded); close the connections."""
         if self._keeper is not None:
             self._keeper.cancel()
+        self._unpark()  # parked releases go now
         if self._kick_handle is not None:
             self._kick_handle.cancel()
             self._kick()  # what is queued (releases) goes now
@@ -394,6 +410,23 @@ class LimitStore:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose(close_connection_pool=True)
+
+    def names(self, owner: str | None, upstream: str | None) -> list[str]:
+        """The three keys of a script run for ``owner`` and ``upstream`` (built once)."""
+        names = self._names.get((owner, upstream))
+        if names is None:
+            if len(self._names) >= MAX_NAMES:
+                self._names.clear()  # client addresses come and go
+            names = self._names[owner, upstream] = [
+                leases_key(owner) if owner else _NONE,
+                bucket_key(owner) if owner else _NONE,
+                leases_key("up:" + upstream) if upstream else _NONE,
+            ]
+        return names
+
+    def quiet(self) -> bool:
+        """Nothing parked, queued or in flight (for tests)."""
+        return not (self._parked or self._queue or self._tasks)
 
     def lease(self, label: str, owner: str | None, limits: KeyLimits | None) -> SharedLease:
         """A new exchange's (empty) lease; ``owner`` None when no key limit applies."""
@@ -446,32 +479,54 @@ class LimitStore:
         tpm = (limits.tpm or 0) if limits is not None and lease.owner is not None else 0
         if not lease.sets() and not (tpm and tokens):
             return
-        owner = lease.owner
-        keys = [
-            leases_key(owner) if owner else _NONE,
-            bucket_key(owner) if owner else _NONE,
-            leases_key("up:" + lease.upstream) if lease.upstream else _NONE,
-        ]
+        keys = self.names(lease.owner, lease.upstream)
         self._spawn(keys, [lease.id, tokens, tpm], lease.upstream)
         lease.upstream = None
 
     def release_upstream(self, lease: SharedLease) -> None:
         """Give back only ``lease``'s upstream slot (the request moves to another one)."""
         if lease.upstream is not None:
-            keys = [_NONE, _NONE, leases_key("up:" + lease.upstream)]
+            keys = self.names(None, lease.upstream)
             self._spawn(keys, [lease.id, 0, 0], lease.upstream)
             lease.upstream = None
 
     def _spawn(self, keys: list[str], args: list[object], upstream: str | None) -> None:
         call = _Call(RELEASE_CALL, keys, args, None, upstream)
-        if not self.up or len(self._queue) >= MAX_QUEUED:
+        if not self.up or len(self._queue) + len(self._parked) >= MAX_QUEUED:
             if not self.up:
                 self._unsent.append(call)  # sent when the store is back
             # else dropped: the lease runs out by itself within --limits-store-lease.
             if upstream is not None:
                 self._wake(upstream)
             return
-        self._submit(call)
+        self._parked.append(call)
+        if upstream is not None and upstream in self._slot_freed:
+            # A request of this process waits for this slot: no lingering.
+            self._unpark()
+        elif self._park_handle is None:
+            loop = asyncio.get_running_loop()
+            self._park_handle = loop.call_later(RELEASE_LINGER, self._unpark)
+
+    def _unpark(self) -> None:
+        """The parked releases go in the next pipeline (none rode with an acquire)."""
+        if self._park_handle is not None:
+            self._park_handle.cancel()
+            self._park_handle = None
+        if self._parked:
+            self._queue.extend(self._parked)
+            self._parked.clear()
+            if self._kick_handle is None:
+                self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+
+    def _take_parked(self, room: int) -> list[_Call]:
+        """Up to ``room`` parked releases, to go first in an acquire's pipeline."""
+        parked = self._parked
+        taken = parked[:room]
+        del parked[:room]
+        if not parked and self._park_handle is not None:
+            self._park_handle.cancel()
+            self._park_handle = None
+        return taken
 
     def forget(self, keys: list[str], lease_id: str) -> None:
         """An acquire whose answer never came, for a request that goes no further:
@@ -494,9 +549,12 @@ class LimitStore:
         if not self._queue and self._kick_handle is None and self._pipelines < MAX_PIPELINES:
             # Nothing else waits to be sent: send it from this task at once, rather
             # than through two more turns of the loop (under load calls queue up
-            # behind busy pipelines, and share the next one).
+            # behind busy pipelines, and share the next one). Parked releases go
+            # first, so their slots are free for it.
             self._pipelines += 1
-            await self._send([call])
+            batch = self._take_parked(MAX_BATCH - 1) if self._parked else []
+            batch.append(call)
+            await self._send(batch)
             if future.exception() is not None:
                 raise StoreFault
             return future.result()
@@ -519,7 +577,7 @@ class LimitStore:
         self._kick_handle = None
         queue = self._queue
         while queue and self._pipelines < MAX_PIPELINES:
-            batch = []
+            batch = self._take_parked(MAX_BATCH // 2) if self._parked else []
             while queue and len(batch) < MAX_BATCH:
                 call = queue.popleft()
                 if call.future is None or not call.future.done():  # not given up on
@@ -590,17 +648,21 @@ class LimitStore:
 
         conn = self._idle.pop() if self._idle else self._new_connection()
         try:
-            await conn.connect()  # at once if it is connected already
+            if not conn.is_connected:
+                await conn.connect()
             shas = self._shas
             commands = [
                 ("EVALSHA", shas[call.which], len(call.keys), *call.keys, *call.args)
                 for call in batch
             ]
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            pack = self._pack
+            packed = list(map(pack, commands)) if pack else conn.pack_commands(commands)
+            await conn.send_packed_command(packed, check_health=False)
             replies: list[Any] = []
+            read = conn.read_response
             for _ in batch:
                 try:
-                    replies.append(await conn.read_response())
+                    replies.append(await read())
                 except ResponseError as exc:  # one script's error; the rest still come
                     replies.append(exc)
         except BaseException:
@@ -614,7 +676,10 @@ class LimitStore:
 
     def _new_connection(self) -> Any:
         pool = self._client.connection_pool
-        return pool.connection_class(**pool.connection_kwargs)
+        # No socket timeout of its own: the pipeline's one timeout bounds it all.
+        # With one, every write is a task of asyncio.wait_for (two more turns of
+        # the loop before the bytes leave) and every reply its own timeout.
+        return pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
 
     async def _keep(self) -> None:
         """Renew the live leases every third of a lease; ping the store while it is away."""

@@ -207,7 +207,7 @@ def test_tokens_spent_through_one_relay_count_at_the_other(sglang, redis_server,
         assert one.server is not None
         store = one.server.state.admission.store
         assert store is not None
-        eventually(lambda: one.call(lambda: not store._tasks and not store.live), LIMIT)
+        eventually(lambda: one.call(lambda: store.quiet() and not store.live), LIMIT)
         answer = post(two.port, max_tokens=8)  # its first: its own limit would let it in
         assert answer.status_code == 429
         assert "tokens per minute" in answer.json()["error"]["message"]
@@ -460,7 +460,7 @@ def test_a_release_lost_while_the_store_is_unreachable_is_sent_once_it_is_back(
                 assert not one.call(lambda: store.up)
             assert b"[DONE]" in read_all(busy)
             busy.close()
-            eventually(lambda: one.call(lambda: not store.up and not store._tasks), LIMIT)
+            eventually(lambda: one.call(lambda: not store.up and store.quiet()), LIMIT)
             assert post(two.port, max_tokens=1).status_code == 429  # the slot is held
             link.mend()
             eventually(lambda: one.call(lambda: store.up), LIMIT)
