@@ -72,10 +72,12 @@ MAX_QUEUED = 4096
 #: back; beyond it the oldest is dropped (its lease runs out by itself).
 MAX_UNSENT = 4096
 #: Script runs sent in one pipeline, and pipelines in flight at once: calls
-#: made while these are busy wait for the next pipeline (so under load many
-#: requests share one round trip and one write).
+#: made while one is out wait for its answer and then go together in the next
+#: (as Nagle's algorithm does for bytes), so under load many requests share one
+#: write and one round trip; a write and a wake-up of the loop cost more than
+#: the wait (at most one round trip) saves.
 MAX_BATCH = 256
-MAX_PIPELINES = 4
+MAX_PIPELINES = 1
 #: How long a release waits to share the pipeline of an acquire (seconds): its
 #: slot comes back this much later to other processes (a waiter of this
 #: process does not wait for it), and under load most releases cost no
@@ -121,7 +123,7 @@ RELEASE_CALL = 1
 class _Call:
     """One script run waiting for a pipeline: its future (None: nobody waits)."""
 
-    __slots__ = ("args", "future", "keys", "upstream", "which")
+    __slots__ = ("args", "due", "future", "keys", "upstream", "which")
 
     def __init__(
         self,
@@ -136,12 +138,17 @@ class _Call:
         self.args = args
         self.future = future
         self.upstream = upstream  # a release of this upstream's slot: wake its waiters
+        self.due = 0.0  # an acquire not sent by then fails (loop time; 0: never)
 
 
 def _no_script(reply: object) -> bool:
     from redis.exceptions import NoScriptError  # loaded already: the client is running
 
     return isinstance(reply, NoScriptError)
+
+
+def _is_error(reply: object) -> bool:
+    return isinstance(reply, Exception)
 
 
 class StoreFault(Exception):
@@ -546,11 +553,11 @@ class LimitStore:
             raise StoreFault
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         call = _Call(ACQUIRE_CALL, keys, args, future, None)
-        if not self._queue and self._kick_handle is None and self._pipelines < MAX_PIPELINES:
-            # Nothing else waits to be sent: send it from this task at once, rather
-            # than through two more turns of the loop (under load calls queue up
-            # behind busy pipelines, and share the next one). Parked releases go
-            # first, so their slots are free for it.
+        if not self._pipelines and not self._queue and self._kick_handle is None:
+            # Nothing else waits to be sent or for a reply: send it from this task
+            # at once, rather than a turn of the loop later (under load calls made
+            # meanwhile share the next pipeline: one write and one read for all
+            # of them). Parked releases go first, so their slots are free for it.
             self._pipelines += 1
             batch = self._take_parked(MAX_BATCH - 1) if self._parked else []
             batch.append(call)
@@ -558,14 +565,12 @@ class LimitStore:
             if future.exception() is not None:
                 raise StoreFault
             return future.result()
+        # Queued behind busy pipelines: one timeout to be sent (checked when a
+        # pipeline is free, at most one timeout later, with no timer per call),
+        # and the pipeline's own timeout once sent.
+        call.due = asyncio.get_running_loop().time() + self.timeout
         self._submit(call)
-        try:
-            # Queued behind busy pipelines, then sent: the whole wait is bounded.
-            async with asyncio.timeout(2 * self.timeout):
-                return await future
-        except TimeoutError:
-            self._failed(TimeoutError())
-            raise StoreFault from None
+        return await future  # its result, or StoreFault
 
     def _submit(self, call: _Call) -> None:
         self._queue.append(call)
@@ -576,18 +581,47 @@ class LimitStore:
     def _kick(self) -> None:
         self._kick_handle = None
         queue = self._queue
+        if not self.up:
+            # Found away meanwhile: nobody waits on it; releases go when it is back.
+            while queue:
+                self._give_up(queue.popleft())
+            return
+        now = asyncio.get_running_loop().time()
+        late = False  # an acquire was not sent within a timeout
         while queue and self._pipelines < MAX_PIPELINES:
             batch = self._take_parked(MAX_BATCH // 2) if self._parked else []
             while queue and len(batch) < MAX_BATCH:
                 call = queue.popleft()
-                if call.future is None or not call.future.done():  # not given up on
+                future = call.future
+                if future is None:
                     batch.append(call)
-            if not batch:
+                elif future.done():
+                    pass  # given up on (its client left)
+                elif call.due < now:
+                    late = True
+                    future.set_exception(StoreFault())
+                else:
+                    batch.append(call)
+            if late:  # not sent within a timeout: the store is slow, so away
+                self._failed(TimeoutError())
+                for call in batch:
+                    self._give_up(call)
+                while queue:
+                    self._give_up(queue.popleft())
                 return
+            if not batch:
+                continue
             self._pipelines += 1
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _give_up(self, call: _Call) -> None:
+        future = call.future
+        if future is None:
+            self._unsent.append(call)
+        elif not future.done():
+            future.set_exception(StoreFault())
 
     async def _send(self, batch: list[_Call]) -> None:
         """One pipeline of script runs: one write, one round trip."""
@@ -603,7 +637,11 @@ class LimitStore:
                     for conn in self._idle:
                         await conn.disconnect()
                     replies = await self._pipeline(batch)
-                again = [i for i, reply in enumerate(replies) if _no_script(reply)]
+                again = (
+                    [i for i, reply in enumerate(replies) if _no_script(reply)]
+                    if any(map(_is_error, replies))
+                    else None
+                )
                 if again:
                     # The store restarted and forgot the scripts: load them, and
                     # ask again for the calls that were not run.
