@@ -376,7 +376,7 @@ class LimitStore:
         self._pack: Any = None  # hiredis's packer, when installed
         self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
         self._pipelines = 0
-        self._kick_handle: asyncio.Handle | None = None
+        self._runner: asyncio.Task[None] | None = None  # sends what is queued
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._went_away: asyncio.Event | None = None  # wakes the keeper to ping
@@ -403,10 +403,7 @@ class LimitStore:
         """Stop renewing; let releases finish (bounded); close the connections."""
         if self._keeper is not None:
             self._keeper.cancel()
-        self._unpark()  # parked releases go now
-        if self._kick_handle is not None:
-            self._kick_handle.cancel()
-            self._kick()  # what is queued (releases) goes now
+        self._unpark()  # parked releases go now, with what is queued
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.timeout)
         for task in list(self._tasks):
@@ -522,8 +519,7 @@ class LimitStore:
         if self._parked:
             self._queue.extend(self._parked)
             self._parked.clear()
-            if self._kick_handle is None:
-                self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+            self._start_runner()
 
     def _take_parked(self, room: int) -> list[_Call]:
         """Up to ``room`` parked releases, to go first in an acquire's pipeline."""
@@ -553,7 +549,7 @@ class LimitStore:
             raise StoreFault
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         call = _Call(ACQUIRE_CALL, keys, args, future, None)
-        if not self._pipelines and not self._queue and self._kick_handle is None:
+        if not self._pipelines and not self._queue:
             # Nothing else waits to be sent or for a reply: send it from this task
             # at once, rather than a turn of the loop later (under load calls made
             # meanwhile share the next pipeline: one write and one read for all
@@ -574,47 +570,59 @@ class LimitStore:
 
     def _submit(self, call: _Call) -> None:
         self._queue.append(call)
-        if self._kick_handle is None:
-            # Every call made in this turn of the loop goes in one pipeline.
-            self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+        self._start_runner()
 
-    def _kick(self) -> None:
-        self._kick_handle = None
+    def _start_runner(self) -> None:
+        if self._runner is None:
+            # It starts at the next turn of the loop: every call made in this
+            # one goes in its first pipeline.
+            task = self._runner = asyncio.get_running_loop().create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        """Send what is queued, one pipeline after another (the calls made while one
+        is out go in the next), until nothing is; no turn of the loop between them."""
+        try:
+            while self._queue and self._pipelines < MAX_PIPELINES:
+                batch = self._next_batch()
+                if batch:
+                    self._pipelines += 1
+                    await self._send(batch)
+        finally:
+            self._runner = None
+
+    def _next_batch(self) -> list[_Call]:
+        """The next pipeline's calls, parked releases first; none if the store is away."""
         queue = self._queue
         if not self.up:
             # Found away meanwhile: nobody waits on it; releases go when it is back.
             while queue:
                 self._give_up(queue.popleft())
-            return
+            return []
         now = asyncio.get_running_loop().time()
         late = False  # an acquire was not sent within a timeout
-        while queue and self._pipelines < MAX_PIPELINES:
-            batch = self._take_parked(MAX_BATCH // 2) if self._parked else []
-            while queue and len(batch) < MAX_BATCH:
-                call = queue.popleft()
-                future = call.future
-                if future is None:
-                    batch.append(call)
-                elif future.done():
-                    pass  # given up on (its client left)
-                elif call.due < now:
-                    late = True
-                    future.set_exception(StoreFault())
-                else:
-                    batch.append(call)
-            if late:  # not sent within a timeout: the store is slow, so away
-                self._failed(TimeoutError())
-                for call in batch:
-                    self._give_up(call)
-                while queue:
-                    self._give_up(queue.popleft())
-                return
-            if not batch:
-                continue
-            self._pipelines += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        batch = self._take_parked(MAX_BATCH // 2) if self._parked else []
+        while queue and len(batch) < MAX_BATCH:
+            call = queue.popleft()
+            future = call.future
+            if future is None:
+                batch.append(call)
+            elif future.done():
+                pass  # given up on (its client left)
+            elif call.due < now:
+                late = True
+                future.set_exception(StoreFault())
+            else:
+                batch.append(call)
+        if late:  # not sent within a timeout: the store is slow, so away
+            self._failed(TimeoutError())
+            for call in batch:
+                self._give_up(call)
+            while queue:
+                self._give_up(queue.popleft())
+            return []
+        return batch
 
     def _give_up(self, call: _Call) -> None:
         future = call.future
@@ -660,9 +668,9 @@ class LimitStore:
             self._unsent.extend(call for call in batch if call.future is None)
         finally:
             self._pipelines -= 1
-            if self._queue and self._kick_handle is None:
-                # Calls queued while every pipeline was busy go now (cancelled too).
-                self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+            if self._queue and self._runner is None:
+                # Calls queued while this one was out go next (cancelled too).
+                self._start_runner()
         failed = None
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception) and failed is None:
