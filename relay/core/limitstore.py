@@ -12,11 +12,12 @@ redis-py's asyncio client, imported only when the feature is on.
   never holds more than the whole fleet may, so they only refuse what the
   store would refuse too, and they are what is left when the store is away.
 * **Nothing on the client's path after it.** Releasing the leases and
-  debiting the tokens is queued when the exchange settles and sent by the
-  store's next pipeline (a task it owns), bounded by the timeout and by
-  :data:`MAX_QUEUED`.
-* **Batched.** The calls made in one turn of the loop share one pipeline (one
-  write, one round trip) on a connection of the store's own.
+  debiting the tokens (one script run) is parked when the exchange settles
+  and rides in the next acquire's pipeline, or goes on its own after
+  :data:`RELEASE_LINGER`, bounded by the timeout and by :data:`MAX_QUEUED`.
+* **Batched.** One pipeline is in flight at a time, on a connection of the
+  store's own; the calls made while it is out share the next one (one write,
+  one round trip, one wake-up of the loop for all of them).
 * **The fair queue stays local.** A request that has its local
   ``--max-inflight`` slot but finds the upstream's shared slots all taken by
   other processes keeps its place and asks again when a slot of this process
@@ -28,8 +29,9 @@ redis-py's asyncio client, imported only when the feature is on.
   the store away (one log line, ``relay_limits_store_errors_total``); while
   it is away no request waits on it: ``open`` admits on this process's own
   limits, ``closed`` answers 503. The renewal task pings it every half
-  second until it answers (one line again), then adds back the leases taken
-  while it was away.
+  second until it answers (one line again), then sends the releases it
+  missed (at most :data:`MAX_UNSENT`) and adds back the leases taken while
+  it was away.
 """
 
 from __future__ import annotations
