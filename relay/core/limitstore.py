@@ -300,6 +300,11 @@ class SharedLease:
             if store.up:
                 try:
                     answer = read_answer(await store.ask(keys, args))
+                except asyncio.CancelledError:
+                    # The client left while the store was asked: what it may have
+                    # taken goes back now, not when the lease runs out.
+                    store.give_back(keys, self.id)
+                    raise
                 except StoreFault:
                     if not store.fail_open:
                         # Refused below, so nothing will release what the store
@@ -379,6 +384,7 @@ class LimitStore:
         self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
         self._pipelines = 0
         self._runner: asyncio.Task[None] | None = None  # sends what is queued
+        self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._went_away: asyncio.Event | None = None  # wakes the keeper to ping
@@ -408,6 +414,7 @@ class LimitStore:
         self._unpark()  # parked releases go now, with what is queued
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.timeout)
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         for conn in self._idle:
@@ -532,6 +539,11 @@ class LimitStore:
             self._park_handle.cancel()
             self._park_handle = None
         return taken
+
+    def give_back(self, keys: list[str], lease_id: str) -> None:
+        """An acquire given up on while it may have been sent: release what it took
+        (nothing, if it never ran), in a later pipeline than its own."""
+        self._spawn(keys, [lease_id, 0, 0], None)
 
     def forget(self, keys: list[str], lease_id: str) -> None:
         """An acquire whose answer never came, for a request that goes no further:
@@ -661,6 +673,10 @@ class LimitStore:
                     for i, reply in zip(again, redone, strict=True):
                         replies[i] = reply
         except asyncio.CancelledError:
+            if not self._closing:
+                # The acquire's task was cancelled (its client left): the releases
+                # that rode with it go in the next pipeline (again, if they ran).
+                self._queue.extend(call for call in batch if call.future is None)
             raise
         except Exception as exc:
             self._failed(exc)

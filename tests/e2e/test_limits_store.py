@@ -502,6 +502,38 @@ def test_a_lease_whose_answer_was_lost_is_given_back_when_the_store_answers(sgla
         assert time.monotonic() - back < 5.0
 
 
+def test_a_client_that_leaves_while_the_store_is_asked_leaves_no_slot_taken(sglang, redis_server):
+    """concurrent=1 per client address, 30 s leases, 3 s store timeout: redis-server
+    stopped (SIGSTOP) after a request's acquire was written; its client leaves; once the
+    store runs again (and takes the lease), relay gives it back, so the other relay
+    admits the next request within a few seconds, not after the lease time."""
+    common: dict[str, Any] = {
+        "limits_store": store_of(redis_server),
+        "key_max_concurrent": 1,
+        "limits_store_lease": 30.0,
+        "limits_store_timeout": 3.0,
+    }
+    with RelayThread(sglang.url, **common) as one, RelayThread(sglang.url, **common) as two:
+        assert one.server is not None and redis_server.process is not None
+        store = one.server.state.admission.store
+        assert store is not None
+        assert post(one.port, max_tokens=1).status_code == 200  # its connection is open
+        leases = "relay:{relay}:addr:127.0.0.1:leases"
+        eventually(lambda: redis_server.command("ZCARD", leases) == b":0\r\n", LIMIT)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            leaving = open_stream(one.port, max_tokens=1)
+            eventually(lambda: one.call(lambda: not store.quiet() or store._pipelines > 0), LIMIT)
+            leaving.close()
+            eventually(lambda: one.metrics().key_requests["anonymous", "queue_left"] == 1, LIMIT)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        back = time.monotonic()
+        eventually(lambda: post(two.port, max_tokens=1).status_code == 200, LIMIT)
+        assert time.monotonic() - back < 5.0
+        assert one.call(lambda: store.up)
+
+
 def test_a_store_restarted_between_requests_costs_no_fault(relays, redis_server):
     """redis-server killed and started again while nothing asks it: the next request
     reconnects at once and is served by the store (closed answers no 503, no line says
