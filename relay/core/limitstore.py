@@ -405,7 +405,27 @@ class LimitStore:
             pack_command = None
         self._pack = pack_command
         self._went_away = asyncio.Event()
-        self._keeper = asyncio.get_running_loop().create_task(self._keep())
+        loop = asyncio.get_running_loop()
+        self._keeper = loop.create_task(self._keep())
+        warm = loop.create_task(self._warm())
+        self._tasks.add(warm)
+        warm.add_done_callback(self._tasks.discard)
+
+    async def _warm(self) -> None:
+        """Open the pipelines' connection now, so the first request's round trip is
+        not also a connect and a handshake (a failure here is found by that request)."""
+        conn = self._new_connection()
+        try:
+            async with asyncio.timeout(max(START_TIMEOUT, self.timeout)):
+                await conn.connect()
+        except asyncio.CancelledError:
+            await asyncio.shield(conn.disconnect())
+            raise
+        except Exception:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            return
+        self._idle.append(conn)
 
     async def close(self) -> None:
         """Stop renewing; let releases finish (bounded); close the connections."""
