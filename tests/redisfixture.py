@@ -6,10 +6,13 @@ and has lost its data), and given a password.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -112,3 +115,70 @@ def _resp(words: list[bytes]) -> bytes:
     for word in words:
         out.append(b"$%d\r\n%s\r\n" % (len(word), word))
     return b"".join(out)
+
+
+class Link:
+    """A TCP forwarder to ``port`` on loopback that can be cut and mended: while cut,
+    its connections are reset and new ones are closed at once, so the store behind it
+    is unreachable yet keeps its data."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._cut = False
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._cut:
+                    _reset(client)
+                    continue
+                try:
+                    server = socket.create_connection(("127.0.0.1", self.target), timeout=5.0)
+                except OSError:
+                    _reset(client)
+                    continue
+                self._open += [client, server]
+            for one, other in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(one, other), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            for sock in self._open:
+                _reset(sock)
+            self._open = []
+
+    def mend(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0), as a peer that went away does."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

@@ -280,6 +280,10 @@ class Ticket:
             finally:
                 self._waiting = False
             if error is not None:
+                # The store took nothing for a request it refused: neither does
+                # this process's own RPM bucket, so both agree on what is left.
+                if self.budget is not None:
+                    self.budget.refused(time.monotonic())
                 if error.code == "unavailable":
                     self._result("store_unavailable")
                 else:

@@ -12,11 +12,12 @@ redis-py's asyncio client, imported only when the feature is on.
   never holds more than the whole fleet may, so they only refuse what the
   store would refuse too, and they are what is left when the store is away.
 * **Nothing on the client's path after it.** Releasing the leases and
-  debiting the tokens is queued when the exchange settles and sent by the
-  store's next pipeline (a task it owns), bounded by the timeout and by
-  :data:`MAX_QUEUED`.
-* **Batched.** The calls made in one turn of the loop share one pipeline (one
-  write, one round trip) on a connection of the store's own.
+  debiting the tokens (one script run) is parked when the exchange settles
+  and rides in the next acquire's pipeline, or goes on its own after
+  :data:`RELEASE_LINGER`, bounded by the timeout and by :data:`MAX_QUEUED`.
+* **Batched.** One pipeline is in flight at a time, on a connection of the
+  store's own; the calls made while it is out share the next one (one write,
+  one round trip, one wake-up of the loop for all of them).
 * **The fair queue stays local.** A request that has its local
   ``--max-inflight`` slot but finds the upstream's shared slots all taken by
   other processes keeps its place and asks again when a slot of this process
@@ -28,8 +29,9 @@ redis-py's asyncio client, imported only when the feature is on.
   the store away (one log line, ``relay_limits_store_errors_total``); while
   it is away no request waits on it: ``open`` admits on this process's own
   limits, ``closed`` answers 503. The renewal task pings it every half
-  second until it answers (one line again), then adds back the leases taken
-  while it was away.
+  second until it answers (one line again), then sends the releases it
+  missed (at most :data:`MAX_UNSENT`) and adds back the leases taken while
+  it was away.
 """
 
 from __future__ import annotations
@@ -68,11 +70,23 @@ log = logging.getLogger("relay.events")
 #: Calls waiting to be sent; beyond it a release is dropped (its lease runs
 #: out by itself) and an acquire counts as a store fault.
 MAX_QUEUED = 4096
+#: Releases that could not be sent while the store was away, sent when it is
+#: back; beyond it the oldest is dropped (its lease runs out by itself).
+MAX_UNSENT = 4096
 #: Script runs sent in one pipeline, and pipelines in flight at once: calls
-#: made while these are busy wait for the next pipeline (so under load many
-#: requests share one round trip and one write).
+#: made while one is out wait for its answer and then go together in the next
+#: (as Nagle's algorithm does for bytes), so under load many requests share one
+#: write and one round trip; a write and a wake-up of the loop cost more than
+#: the wait (at most one round trip) saves.
 MAX_BATCH = 256
-MAX_PIPELINES = 4
+MAX_PIPELINES = 1
+#: How long a release waits to share the pipeline of an acquire (seconds): its
+#: slot comes back this much later to other processes (a waiter of this
+#: process does not wait for it), and under load most releases cost no
+#: write and no round trip of their own.
+RELEASE_LINGER = 0.005
+#: Key names kept ready per (owner, upstream); beyond it they are built again.
+MAX_NAMES = 4096
 #: Leases renewed per call (one script run), so a call stays short.
 RENEW_BATCH = 512
 #: How often the store is pinged while it is away (seconds).
@@ -111,7 +125,7 @@ RELEASE_CALL = 1
 class _Call:
     """One script run waiting for a pipeline: its future (None: nobody waits)."""
 
-    __slots__ = ("args", "future", "keys", "upstream", "which")
+    __slots__ = ("args", "due", "future", "keys", "upstream", "which")
 
     def __init__(
         self,
@@ -126,12 +140,17 @@ class _Call:
         self.args = args
         self.future = future
         self.upstream = upstream  # a release of this upstream's slot: wake its waiters
+        self.due = 0.0  # an acquire not sent by then fails (loop time; 0: never)
 
 
 def _no_script(reply: object) -> bool:
     from redis.exceptions import NoScriptError  # loaded already: the client is running
 
     return isinstance(reply, NoScriptError)
+
+
+def _is_error(reply: object) -> bool:
+    return isinstance(reply, Exception)
 
 
 class StoreFault(Exception):
@@ -273,11 +292,7 @@ class SharedLease:
             (limits.tpm or 0) if take_key and limits else 0,
             gate.limit if gate is not None else 0,
         ]
-        keys = [
-            leases_key(self.owner) if self.owner else _NONE,
-            bucket_key(self.owner) if self.owner else _NONE,
-            leases_key("up:" + upstream) if upstream else _NONE,
-        ]
+        keys = store.names(self.owner, upstream)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (gate.timeout if gate is not None else 0.0)
         pause = RETRY_FIRST
@@ -285,7 +300,16 @@ class SharedLease:
             if store.up:
                 try:
                     answer = read_answer(await store.ask(keys, args))
+                except asyncio.CancelledError:
+                    # The client left while the store was asked: what it may have
+                    # taken goes back now, not when the lease runs out.
+                    store.give_back(keys, self.id)
+                    raise
                 except StoreFault:
+                    if not store.fail_open:
+                        # Refused below, so nothing will release what the store
+                        # may have taken before its answer was lost.
+                        store.forget(keys, self.id)
                     continue  # the store is away now: decided below
                 if not answer.limit:
                     self._took(upstream, confirmed=True)
@@ -351,9 +375,16 @@ class LimitStore:
         self._renew: Any = None
         self._shas: tuple[str, str] = ("", "")  # ACQUIRE's and RELEASE's
         self._queue: deque[_Call] = deque()
+        self._unsent: deque[_Call] = deque(maxlen=MAX_UNSENT)
+        # Releases waiting (at most RELEASE_LINGER) to ride with an acquire.
+        self._parked: list[_Call] = []
+        self._park_handle: asyncio.TimerHandle | None = None
+        self._names: dict[tuple[str | None, str | None], list[str]] = {}
+        self._pack: Any = None  # hiredis's packer, when installed
         self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
         self._pipelines = 0
-        self._kick_handle: asyncio.Handle | None = None
+        self._runner: asyncio.Task[None] | None = None  # sends what is queued
+        self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._went_away: asyncio.Event | None = None  # wakes the keeper to ping
@@ -366,18 +397,44 @@ class LimitStore:
         release = self._client.register_script(RELEASE)
         self._shas = (acquire.sha, release.sha)
         self._renew = self._client.register_script(RENEW)
+        try:
+            # One C call per command, what redis-py's own packer ends in after
+            # encoding every argument again in Python.
+            from hiredis import pack_command
+        except ImportError:
+            pack_command = None
+        self._pack = pack_command
         self._went_away = asyncio.Event()
-        self._keeper = asyncio.get_running_loop().create_task(self._keep())
+        loop = asyncio.get_running_loop()
+        self._keeper = loop.create_task(self._keep())
+        warm = loop.create_task(self._warm())
+        self._tasks.add(warm)
+        warm.add_done_callback(self._tasks.discard)
+
+    async def _warm(self) -> None:
+        """Open the pipelines' connection now, so the first request's round trip is
+        not also a connect and a handshake (a failure here is found by that request)."""
+        conn = self._new_connection()
+        try:
+            async with asyncio.timeout(max(START_TIMEOUT, self.timeout)):
+                await conn.connect()
+        except asyncio.CancelledError:
+            await asyncio.shield(conn.disconnect())
+            raise
+        except Exception:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            return
+        self._idle.append(conn)
 
     async def close(self) -> None:
         """Stop renewing; let releases finish (bounded); close the connections."""
         if self._keeper is not None:
             self._keeper.cancel()
-        if self._kick_handle is not None:
-            self._kick_handle.cancel()
-            self._kick()  # what is queued (releases) goes now
+        self._unpark()  # parked releases go now, with what is queued
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.timeout)
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         for conn in self._idle:
@@ -386,6 +443,23 @@ class LimitStore:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose(close_connection_pool=True)
+
+    def names(self, owner: str | None, upstream: str | None) -> list[str]:
+        """The three keys of a script run for ``owner`` and ``upstream`` (built once)."""
+        names = self._names.get((owner, upstream))
+        if names is None:
+            if len(self._names) >= MAX_NAMES:
+                self._names.clear()  # client addresses come and go
+            names = self._names[owner, upstream] = [
+                leases_key(owner) if owner else _NONE,
+                bucket_key(owner) if owner else _NONE,
+                leases_key("up:" + upstream) if upstream else _NONE,
+            ]
+        return names
+
+    def quiet(self) -> bool:
+        """Nothing parked, queued or in flight (for tests)."""
+        return not (self._parked or self._queue or self._tasks)
 
     def lease(self, label: str, owner: str | None, limits: KeyLimits | None) -> SharedLease:
         """A new exchange's (empty) lease; ``owner`` None when no key limit applies."""
@@ -438,29 +512,69 @@ class LimitStore:
         tpm = (limits.tpm or 0) if limits is not None and lease.owner is not None else 0
         if not lease.sets() and not (tpm and tokens):
             return
-        owner = lease.owner
-        keys = [
-            leases_key(owner) if owner else _NONE,
-            bucket_key(owner) if owner else _NONE,
-            leases_key("up:" + lease.upstream) if lease.upstream else _NONE,
-        ]
+        keys = self.names(lease.owner, lease.upstream)
         self._spawn(keys, [lease.id, tokens, tpm], lease.upstream)
         lease.upstream = None
 
     def release_upstream(self, lease: SharedLease) -> None:
         """Give back only ``lease``'s upstream slot (the request moves to another one)."""
         if lease.upstream is not None:
-            keys = [_NONE, _NONE, leases_key("up:" + lease.upstream)]
+            keys = self.names(None, lease.upstream)
             self._spawn(keys, [lease.id, 0, 0], lease.upstream)
             lease.upstream = None
 
     def _spawn(self, keys: list[str], args: list[object], upstream: str | None) -> None:
-        if not self.up or len(self._queue) >= MAX_QUEUED:
-            # Dropped: the lease runs out by itself within --limits-store-lease.
+        call = _Call(RELEASE_CALL, keys, args, None, upstream)
+        if not self.up or len(self._queue) + len(self._parked) >= MAX_QUEUED:
+            if not self.up:
+                self._unsent.append(call)  # sent when the store is back
+            # else dropped: the lease runs out by itself within --limits-store-lease.
             if upstream is not None:
                 self._wake(upstream)
             return
-        self._submit(_Call(RELEASE_CALL, keys, args, None, upstream))
+        self._parked.append(call)
+        if upstream is not None and upstream in self._slot_freed:
+            # A request of this process waits for this slot: no lingering.
+            self._unpark()
+        elif self._park_handle is None:
+            loop = asyncio.get_running_loop()
+            self._park_handle = loop.call_later(RELEASE_LINGER, self._unpark)
+
+    def _unpark(self) -> None:
+        """The parked releases go in the next pipeline (none rode with an acquire)."""
+        if self._park_handle is not None:
+            self._park_handle.cancel()
+            self._park_handle = None
+        if self._parked:
+            self._queue.extend(self._parked)
+            self._parked.clear()
+            self._start_runner()
+
+    def _take_parked(self, room: int) -> list[_Call]:
+        """Up to ``room`` parked releases, to go first in an acquire's pipeline."""
+        parked = self._parked
+        taken = parked[:room]
+        del parked[:room]
+        if not parked and self._park_handle is not None:
+            self._park_handle.cancel()
+            self._park_handle = None
+        return taken
+
+    def give_back(self, keys: list[str], lease_id: str) -> None:
+        """An acquire given up on while it may have been sent: release what it took
+        (nothing, if it never ran), in a later pipeline than its own."""
+        self._spawn(keys, [lease_id, 0, 0], None)
+
+    def forget(self, keys: list[str], lease_id: str) -> None:
+        """An acquire whose answer never came, for a request that goes no further:
+        the store may have taken its leases; give them back once it answers."""
+        self._unsent.append(_Call(RELEASE_CALL, keys, [lease_id, 0, 0], None, None))
+
+    def _resend(self) -> None:
+        """The store is back: send the releases it missed while it was away."""
+        unsent = self._unsent
+        while unsent and len(self._queue) < MAX_QUEUED:
+            self._submit(unsent.popleft())
 
     async def ask(self, keys: list[str], args: list[object]) -> Any:
         """Run the acquire script (batched with others); :class:`StoreFault` if it fails."""
@@ -469,45 +583,87 @@ class LimitStore:
             raise StoreFault
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         call = _Call(ACQUIRE_CALL, keys, args, future, None)
-        if not self._queue and self._kick_handle is None and self._pipelines < MAX_PIPELINES:
-            # Nothing else waits to be sent: send it from this task at once, rather
-            # than through two more turns of the loop (under load calls queue up
-            # behind busy pipelines, and share the next one).
+        if not self._pipelines and not self._queue:
+            # Nothing else waits to be sent or for a reply: send it from this task
+            # at once, rather than a turn of the loop later (under load calls made
+            # meanwhile share the next pipeline: one write and one read for all
+            # of them). Parked releases go first, so their slots are free for it.
             self._pipelines += 1
-            await self._send([call])
+            batch = self._take_parked(MAX_BATCH - 1) if self._parked else []
+            batch.append(call)
+            await self._send(batch)
             if future.exception() is not None:
                 raise StoreFault
             return future.result()
+        # Queued behind busy pipelines: one timeout to be sent (checked when a
+        # pipeline is free, at most one timeout later, with no timer per call),
+        # and the pipeline's own timeout once sent.
+        call.due = asyncio.get_running_loop().time() + self.timeout
         self._submit(call)
-        try:
-            # Queued behind busy pipelines, then sent: the whole wait is bounded.
-            async with asyncio.timeout(2 * self.timeout):
-                return await future
-        except TimeoutError:
-            self._failed(TimeoutError())
-            raise StoreFault from None
+        return await future  # its result, or StoreFault
 
     def _submit(self, call: _Call) -> None:
         self._queue.append(call)
-        if self._kick_handle is None:
-            # Every call made in this turn of the loop goes in one pipeline.
-            self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+        self._start_runner()
 
-    def _kick(self) -> None:
-        self._kick_handle = None
-        queue = self._queue
-        while queue and self._pipelines < MAX_PIPELINES:
-            batch = []
-            while queue and len(batch) < MAX_BATCH:
-                call = queue.popleft()
-                if call.future is None or not call.future.done():  # not given up on
-                    batch.append(call)
-            if not batch:
-                return
-            self._pipelines += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+    def _start_runner(self) -> None:
+        if self._runner is None:
+            # It starts at the next turn of the loop: every call made in this
+            # one goes in its first pipeline.
+            task = self._runner = asyncio.get_running_loop().create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        """Send what is queued, one pipeline after another (the calls made while one
+        is out go in the next), until nothing is; no turn of the loop between them."""
+        try:
+            while self._queue and self._pipelines < MAX_PIPELINES:
+                batch = self._next_batch()
+                if batch:
+                    self._pipelines += 1
+                    await self._send(batch)
+        finally:
+            self._runner = None
+
+    def _next_batch(self) -> list[_Call]:
+        """The next pipeline's calls, parked releases first; none if the store is away."""
+        queue = self._queue
+        if not self.up:
+            # Found away meanwhile: nobody waits on it; releases go when it is back.
+            while queue:
+                self._give_up(queue.popleft())
+            return []
+        now = asyncio.get_running_loop().time()
+        late = False  # an acquire was not sent within a timeout
+        batch = self._take_parked(MAX_BATCH // 2) if self._parked else []
+        while queue and len(batch) < MAX_BATCH:
+            call = queue.popleft()
+            future = call.future
+            if future is None:
+                batch.append(call)
+            elif future.done():
+                pass  # given up on (its client left)
+            elif call.due < now:
+                late = True
+                future.set_exception(StoreFault())
+            else:
+                batch.append(call)
+        if late:  # not sent within a timeout: the store is slow, so away
+            self._failed(TimeoutError())
+            for call in batch:
+                self._give_up(call)
+            while queue:
+                self._give_up(queue.popleft())
+            return []
+        return batch
+
+    def _give_up(self, call: _Call) -> None:
+        future = call.future
+        if future is None:
+            self._unsent.append(call)
+        elif not future.done():
+            future.set_exception(StoreFault())
 
     async def _send(self, batch: list[_Call]) -> None:
         """One pipeline of script runs: one write, one round trip."""
@@ -523,7 +679,11 @@ class LimitStore:
                     for conn in self._idle:
                         await conn.disconnect()
                     replies = await self._pipeline(batch)
-                again = [i for i, reply in enumerate(replies) if _no_script(reply)]
+                again = (
+                    [i for i, reply in enumerate(replies) if _no_script(reply)]
+                    if any(map(_is_error, replies))
+                    else None
+                )
                 if again:
                     # The store restarted and forgot the scripts: load them, and
                     # ask again for the calls that were not run.
@@ -533,15 +693,22 @@ class LimitStore:
                     for i, reply in zip(again, redone, strict=True):
                         replies[i] = reply
         except asyncio.CancelledError:
+            if not self._closing:
+                # The acquire's task was cancelled (its client left): the releases
+                # that rode with it go in the next pipeline (again, if they ran).
+                self._queue.extend(call for call in batch if call.future is None)
             raise
         except Exception as exc:
             self._failed(exc)
             replies = [StoreFault()] * len(batch)
+            # Whether they ran is unknown: releases go again once the store is back
+            # (giving a lease back twice is harmless; tokens may be debited twice).
+            self._unsent.extend(call for call in batch if call.future is None)
         finally:
             self._pipelines -= 1
-            if self._queue and self._kick_handle is None:
-                # Calls queued while every pipeline was busy go now (cancelled too).
-                self._kick_handle = asyncio.get_running_loop().call_soon(self._kick)
+            if self._queue and self._runner is None:
+                # Calls queued while this one was out go next (cancelled too).
+                self._start_runner()
         failed = None
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception) and failed is None:
@@ -565,17 +732,21 @@ class LimitStore:
 
         conn = self._idle.pop() if self._idle else self._new_connection()
         try:
-            await conn.connect()  # at once if it is connected already
+            if not conn.is_connected:
+                await conn.connect()
             shas = self._shas
             commands = [
                 ("EVALSHA", shas[call.which], len(call.keys), *call.keys, *call.args)
                 for call in batch
             ]
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            pack = self._pack
+            packed = list(map(pack, commands)) if pack else conn.pack_commands(commands)
+            await conn.send_packed_command(packed, check_health=False)
             replies: list[Any] = []
+            read = conn.read_response
             for _ in batch:
                 try:
-                    replies.append(await conn.read_response())
+                    replies.append(await read())
                 except ResponseError as exc:  # one script's error; the rest still come
                     replies.append(exc)
         except BaseException:
@@ -589,7 +760,10 @@ class LimitStore:
 
     def _new_connection(self) -> Any:
         pool = self._client.connection_pool
-        return pool.connection_class(**pool.connection_kwargs)
+        # No socket timeout of its own: the pipeline's one timeout bounds it all.
+        # With one, every write is a task of asyncio.wait_for (two more turns of
+        # the loop before the bytes leave) and every reply its own timeout.
+        return pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
 
     async def _keep(self) -> None:
         """Renew the live leases every third of a lease; ping the store while it is away."""
@@ -614,6 +788,7 @@ class LimitStore:
                     continue
                 self.up = True
                 log.warning("limits store %s reachable again: limits are shared", self.where)
+                self._resend()
             await self.renew()
 
     async def renew(self) -> None:

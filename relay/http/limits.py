@@ -84,6 +84,10 @@ class TokenBucket:
         self.refill(now)
         self.level -= amount
 
+    def give(self, amount: float, now: float) -> None:
+        """Put back ``amount`` taken for nothing (never above the capacity)."""
+        self.level = min(self.capacity, self.refill(now) + amount)
+
     def full(self, now: float) -> bool:
         return self.refill(now) >= self.capacity
 
@@ -140,6 +144,13 @@ class Budget:
             if self._requests is not None:
                 self._requests.take(1, now)
         return refusal
+
+    def refused(self, now: float) -> None:
+        """A request let in by :meth:`admit` was refused after all (by the shared
+        store, which took nothing for it): its request is not spent. It is still in
+        flight until :meth:`release`."""
+        if self._requests is not None:
+            self._requests.give(1, now)
 
     def release(self, tokens: int, now: float) -> None:
         """A request let in by :meth:`admit` ended, having used ``tokens``."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from redisfixture import RedisServer, need_redis_server
+from redisfixture import Link, RedisServer, need_redis_server
 from relayfixture import RelayThread, eventually
 from relayprocess import RelayProcess as Relay
 from sglang_app import SGLangServer
@@ -198,10 +198,39 @@ def test_tokens_spent_through_one_relay_count_at_the_other(sglang, redis_server,
         assert one.server is not None
         store = one.server.state.admission.store
         assert store is not None
-        eventually(lambda: one.call(lambda: not store._tasks and not store.live), LIMIT)
+        eventually(lambda: one.call(lambda: store.quiet() and not store.live), LIMIT)
         answer = post(two.port, max_tokens=8)  # its first: its own limit would let it in
         assert answer.status_code == 429
         assert "tokens per minute" in answer.json()["error"]["message"]
+
+
+def test_a_request_the_store_refuses_costs_nothing_of_the_local_rpm_budget(sglang, redis_server):
+    """concurrent=1, rpm=3 per key: while one relay's stream holds the key's slot, three
+    requests through the other are refused by the store (which takes nothing for them);
+    once the stream ends, the other relay still has its three requests a minute."""
+    from relay.http.auth import NamedKey
+
+    common: dict[str, Any] = {
+        "limits_store": store_of(redis_server),
+        "api_keys": (NamedKey("team", KEY),),
+        "key_max_concurrent": 1,
+        "key_rpm": 3,
+    }
+    with RelayThread(sglang.url, **common) as one, RelayThread(sglang.url, **common) as two:
+        busy = open_stream(one.port, max_tokens=30, test_gap_ms=20)
+        assert status_of(busy) == 200
+        for _ in range(3):
+            refused = post(two.port, max_tokens=1)
+            assert refused.status_code == 429, refused.text
+            assert "in flight" in refused.json()["error"]["message"]
+        assert b"[DONE]" in read_all(busy)
+        busy.close()
+        leases = "relay:{relay}:key:team:leases"
+        eventually(lambda: redis_server.command("ZCARD", leases) == b":0\r\n", LIMIT)
+        # The store's bucket has 2 left (one taken by the stream): two more pass there;
+        # locally they pass only if the refusals took nothing.
+        answers = [post(two.port, max_tokens=1) for _ in range(2)]
+        assert [a.status_code for a in answers] == [200, 200], answers[-1].text
 
 
 def test_closed_answers_503_while_the_store_is_away_and_open_uses_own_limits(
@@ -387,6 +416,113 @@ def test_a_store_that_hangs_costs_one_timeout_and_its_streams_count_after(relays
         assert b"data: [DONE]" in read_all(sock)
         sock.close()
     assert one.count(r"limits store .* unreachable") == 1
+
+
+@pytest.mark.parametrize("ended", ["as the store goes away", "after it was found away"])
+def test_a_release_lost_while_the_store_is_unreachable_is_sent_once_it_is_back(
+    sglang, redis_server, ended
+):
+    """concurrent=1 per key, 30 s leases: a stream that ends while the store cannot be
+    reached (its link cut; the store keeps its data) cannot give its slot back then;
+    once the link is back the release is sent, and the other relay admits the key's
+    next request within a few seconds, not after the lease time."""
+    from relay.http.auth import NamedKey
+
+    link = Link(redis_server.port)
+    keys = (NamedKey("team", KEY), NamedKey("other", "sk-other"))
+    common: dict[str, Any] = {"api_keys": keys, "key_max_concurrent": 1,
+                              "limits_store_lease": 30.0}  # fmt: skip
+    try:
+        with (
+            RelayThread(
+                sglang.url, limits_store=StoreAddress("127.0.0.1", link.port), **common
+            ) as one,  # fmt: skip
+            RelayThread(sglang.url, limits_store=store_of(redis_server), **common) as two,
+        ):
+            assert one.server is not None
+            store = one.server.state.admission.store
+            assert store is not None
+            busy = open_stream(one.port, max_tokens=20, test_gap_ms=50)
+            assert status_of(busy) == 200
+            link.cut()
+            if ended != "as the store goes away":
+                # Another key's request finds the store away (admitted on local limits).
+                assert post(one.port, "sk-other", max_tokens=1).status_code == 200
+                assert not one.call(lambda: store.up)
+            assert b"[DONE]" in read_all(busy)
+            busy.close()
+            eventually(lambda: one.call(lambda: not store.up and store.quiet()), LIMIT)
+            assert post(two.port, max_tokens=1).status_code == 429  # the slot is held
+            link.mend()
+            eventually(lambda: one.call(lambda: store.up), LIMIT)
+            back = time.monotonic()
+            eventually(lambda: post(two.port, max_tokens=1).status_code == 200, LIMIT)
+            assert time.monotonic() - back < 5.0
+    finally:
+        link.close()
+
+
+def test_a_lease_whose_answer_was_lost_is_given_back_when_the_store_answers(sglang, redis_server):
+    """closed, concurrent=1 per key, 30 s leases: redis-server stopped (SIGSTOP) after a
+    request's acquire was written, so the request gets 503, yet the store takes the lease
+    when it runs again; relay gives it back then, and the other relay admits the key
+    within a few seconds, not after the lease time."""
+    common: dict[str, Any] = {
+        "limits_store": store_of(redis_server),
+        "key_max_concurrent": 1,
+        "limits_store_lease": 30.0,
+    }
+    with (
+        RelayThread(sglang.url, limits_store_failure="closed", **common) as one,
+        RelayThread(sglang.url, **common) as two,
+    ):
+        assert one.server is not None
+        store = one.server.state.admission.store
+        assert store is not None and redis_server.process is not None
+        assert post(one.port, max_tokens=1).status_code == 200  # its connection is open
+        leases = "relay:{relay}:addr:127.0.0.1:leases"
+        eventually(lambda: redis_server.command("ZCARD", leases) == b":0\r\n", LIMIT)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            assert post(one.port, max_tokens=1).status_code == 503
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        eventually(lambda: one.call(lambda: store.up), LIMIT)
+        back = time.monotonic()
+        eventually(lambda: post(two.port, max_tokens=1).status_code == 200, LIMIT)
+        assert time.monotonic() - back < 5.0
+
+
+def test_a_client_that_leaves_while_the_store_is_asked_leaves_no_slot_taken(sglang, redis_server):
+    """concurrent=1 per client address, 30 s leases, 3 s store timeout: redis-server
+    stopped (SIGSTOP) after a request's acquire was written; its client leaves; once the
+    store runs again (and takes the lease), relay gives it back, so the other relay
+    admits the next request within a few seconds, not after the lease time."""
+    common: dict[str, Any] = {
+        "limits_store": store_of(redis_server),
+        "key_max_concurrent": 1,
+        "limits_store_lease": 30.0,
+        "limits_store_timeout": 3.0,
+    }
+    with RelayThread(sglang.url, **common) as one, RelayThread(sglang.url, **common) as two:
+        assert one.server is not None and redis_server.process is not None
+        store = one.server.state.admission.store
+        assert store is not None
+        assert post(one.port, max_tokens=1).status_code == 200  # its connection is open
+        leases = "relay:{relay}:addr:127.0.0.1:leases"
+        eventually(lambda: redis_server.command("ZCARD", leases) == b":0\r\n", LIMIT)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            leaving = open_stream(one.port, max_tokens=1)
+            eventually(lambda: one.call(lambda: not store.quiet() or store._pipelines > 0), LIMIT)
+            leaving.close()
+            eventually(lambda: one.metrics().key_requests["anonymous", "queue_left"] == 1, LIMIT)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        back = time.monotonic()
+        eventually(lambda: post(two.port, max_tokens=1).status_code == 200, LIMIT)
+        assert time.monotonic() - back < 5.0
+        assert one.call(lambda: store.up)
 
 
 def test_a_store_restarted_between_requests_costs_no_fault(relays, redis_server):

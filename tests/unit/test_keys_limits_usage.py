@@ -166,6 +166,20 @@ def test_tokens_per_minute_are_debited_at_the_end_and_may_go_below_zero():
     assert budget.admit(11.0) is None
 
 
+def test_a_request_refused_after_admission_gives_its_request_back_never_above_the_limit():
+    """rpm=2: a request admitted locally and then refused (by the shared store) leaves
+    the bucket as it was; giving back never fills it past its limit."""
+    budget = Budget(KeyLimits(rpm=2), now=0.0)
+    assert budget.admit(0.0) is None
+    budget.refused(0.0)
+    budget.release(0, 0.0)
+    assert budget.admit(0.0) is None and budget.admit(0.0) is None
+    assert budget.admit(0.0) is not None  # two, not one, were left
+    budget.refused(60.0)  # full again by then: stays at two
+    assert budget.admit(60.0) is None and budget.admit(60.0) is None
+    assert budget.admit(60.0) is not None
+
+
 def test_key_limits_fall_back_to_the_defaults_and_zero_means_none():
     defaults = KeyLimits(concurrent=4, rpm=60, tpm=0)
     assert KeyLimits(rpm=0).over(defaults) == KeyLimits(concurrent=4, rpm=0, tpm=0)
