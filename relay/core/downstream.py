@@ -182,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
             self._start_timed()
             return
         self._deferred = True
+        self.state.metrics.starts_deferred += 1
         self._update_reading()  # pause: nothing more is read until its turn
         pacer.defer(self)
 

@@ -103,6 +103,8 @@ class Metrics:
     queue_wait: Histogram = field(default_factory=lambda: Histogram(SLOW_BUCKETS))
     # Calls to the --limits-store that failed or timed out.
     limits_store_errors: int = 0
+    # Request starts that waited for a later loop turn (core/headpacer.py).
+    starts_deferred: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         """Every value as JSON-able data (what a worker sends its parent)."""
@@ -252,6 +254,9 @@ _COUNTERS = [
     ("relay_sent_bytes_total", "bytes_to_clients", "Response body bytes sent to clients."),
     ("relay_limits_store_errors_total", "limits_store_errors",
      "Calls to the shared limits store that failed or timed out."),
+    ("relay_request_starts_deferred_total", "starts_deferred",
+     "Requests whose start waited for a later event-loop turn: new requests had used "
+     "their share of the turn (streams opening faster than relay starts them)."),
 ]  # fmt: skip
 _HISTOGRAMS = [
     ("relay_upstream_head_seconds", "time_to_head", "Request sent to upstream response head."),

@@ -250,6 +250,12 @@ def test_tokens_of_open_streams_go_before_a_burst_of_new_heads(loop_kind, budget
                 # A head costs far more than 2 ms / BURST: the budget ends the run early.
                 assert heads_first < BURST // 2, (heads_first, events[:20])
             assert pacer.deferred_total > 0
+            # Operators see the same count in /metrics.
+            assert relay.metrics.starts_deferred == pacer.deferred_total
+            assert (
+                f"relay_request_starts_deferred_total {pacer.deferred_total}\n"
+                in relay.metrics.render()
+            )
             await until(lambda: len(pacer) == 0)
             for sock in streams + burst:
                 sock.close()
