@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from bisect import bisect_left
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -293,50 +293,60 @@ def _carries_text(payload: bytes) -> bool:
     return bool(document.get("text"))
 
 
-#: What may make a ``data:`` line carry no text, or be ``[DONE]``; with a
-#: ``finish_reason`` that is not null (below). None holds a line break or a
-#: lower-case ``d``, so one that starts inside a payload ends inside it.
+#: What may make a ``data:`` line carry no text, or be ``[DONE]``; and a
+#: ``finish_reason`` that is not null (a line with either null form is text to
+#: :func:`_carries_text`, whatever else it holds). None holds a line break or
+#: a lower-case ``d``, so one that starts inside a payload ends inside it, and
+#: none starts inside a ``data:``.
 _DOUBTFUL_SIGNS = (b'""', b"[]", b"[DONE]")
-_FINISH = b'"finish_reason"'
+_FINISH_NOT_NULL = re.compile(rb'"finish_reason"(?!:null|: null)')
 
 
 def _count_text_events(window: bytes) -> tuple[int, int]:
     """How many ``data:`` lines ``window`` holds, and how many carry generated text.
 
     The same count as asking ``payload != b"[DONE]" and _carries_text(payload)``
-    of each line, with fewer searches: ``window`` is searched once for each
-    sign that a line may not count (:data:`_DOUBTFUL_SIGNS`, or a
-    ``finish_reason`` that is not ``null``), and only the lines holding one
-    are asked. Most events of a stream hold none (each asked alone made the
-    estimate the largest part of relay's own work per stream).
+    of every line that :func:`_data_lines` yields, in a few searches of the
+    whole window: the lines are counted where they start, and only a line
+    holding a sign that it may not count (:data:`_DOUBTFUL_SIGNS`, a
+    ``finish_reason`` that is not null) is asked. Most events of a stream hold
+    none; asking each one made this estimate the largest part of relay's own
+    work per stream.
     """
     find = window.find
+    # Every data line, where it starts: at the window's start or after a line break.
+    lines = window.count(b"\ndata:") + window.count(b"\rdata:") + window.startswith(b"data:")
     doubtful: list[int] = []  # where a sign starts
     for sign in _DOUBTFUL_SIGNS:
         at = find(sign)
         while at >= 0:
             doubtful.append(at)
             at = find(sign, at + 1)
-    at = find(_FINISH)
-    while at >= 0:
-        after = at + len(_FINISH)
-        # _carries_text takes a line with either null form as text, whatever
-        # else it holds; a line holding another finish_reason is asked.
-        if not (window.startswith(b":null", after) or window.startswith(b": null", after)):
-            doubtful.append(at)
-        at = find(_FINISH, at + 1)
-    doubtful.sort()
-    count = len(doubtful)
-    lines = events = 0
-    for start, stop in _data_spans(window):
-        lines += 1
-        first = bisect_left(doubtful, start)
-        if first == count or doubtful[first] >= stop:
-            events += 1  # no sign in it: it carries text
+    doubtful += [match.start() for match in _FINISH_NOT_NULL.finditer(window)]
+    events = lines
+    asked: set[int] = set()
+    for at in doubtful:
+        # The last "data:" before the sign: the payload holding it, if any.
+        start = window.rfind(b"data:", 0, at)
+        if start < 0 or start in asked:
             continue
-        payload = window[start:stop].strip()
-        if payload != b"[DONE]" and _carries_text(payload):
-            events += 1
+        if start and window[start - 1] not in _LINE_BREAKS:
+            continue  # after a "data:" inside a line, where no payload reaches
+        stop = start + 5
+        if find(b"\n", stop, at) >= 0 or find(b"\r", stop, at) >= 0:
+            continue  # on a later line: that payload holds no sign, and counts
+        asked.add(start)
+        # That payload, cut as _data_spans cuts it.
+        end = find(b"data:", stop)
+        if end < 0:
+            end = len(window)
+        line_end = find(b"\n", stop, end)
+        if line_end < 0:
+            line_end = end
+        cr = find(b"\r", stop, line_end)
+        payload = window[stop : line_end if cr < 0 else cr].strip()
+        if payload == b"[DONE]" or not _carries_text(payload):
+            events -= 1
     return lines, events
 
 
@@ -352,11 +362,14 @@ def usage_from_stream(tail_reads: Sequence[bytes], total_bytes: int, *, max_byte
     """
     tail = _tail(tail_reads, max_bytes)
     model: str | None = None
-    for seen, payload in enumerate(_data_lines(tail)):
+    # Only a line naming "usage" or "meta_info" is read: when the tail names
+    # neither (most streams), its lines are not looked at one by one. find, not
+    # ``in``: ``bytes.__contains__`` first tries its operand as an integer, and
+    # the TypeError it makes and drops costs more than the search.
+    named = tail.find(b'"usage"') >= 0 or tail.find(b'"meta_info"') >= 0
+    for seen, payload in enumerate(_data_lines(tail) if named else ()):
         if seen == LAST_EVENTS:
             break
-        # find, not ``in``: ``bytes.__contains__`` first tries its operand as
-        # an integer, and the TypeError it makes and drops costs more than the search.
         if payload.find(b'"usage"') >= 0 or payload.find(b'"meta_info"') >= 0:
             try:
                 document = json.loads(payload)

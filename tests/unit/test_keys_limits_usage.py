@@ -391,6 +391,7 @@ def test_a_key_file_error_names_the_bad_word(line, named):
 _SSE_PIECES = [
     b"data:",
     b"data: ",
+    b"\ndata: ",
     b"\r",
     b"\n",
     b"\r\n",
