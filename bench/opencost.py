@@ -19,7 +19,7 @@ start-up::
         python -m bench.opencost --streams 400 --tokens 20      # instructions (total Ir)
 
 (per stream: runs with 100 and 300 streams; per token: 20 and 60 tokens.)
-``--without nodelay`` or ``--without usage`` switches that part off, to
+``--without access``, ``nodelay`` or ``usage`` switches that part off, to
 measure what it costs. Instruction counts repeat to a few parts in a
 thousand on a busy machine; CPU seconds do not.
 """
@@ -31,6 +31,7 @@ import asyncio
 import cProfile
 import io
 import json
+import logging
 import os
 import pstats
 import re
@@ -254,8 +255,12 @@ def _no_usage() -> None:
     relay.core.admission.usage_from_stream = lambda *a, **k: relay.core.admission.NO_USAGE
 
 
+def _no_access() -> None:
+    logging.getLogger("relay.access").setLevel(logging.WARNING)
+
+
 #: Parts switched off to measure what they cost (never for a real run).
-_PATCHES = {"nodelay": _no_nodelay, "usage": _no_usage}
+_PATCHES = {"access": _no_access, "nodelay": _no_nodelay, "usage": _no_usage}
 
 
 def by_package(stats: pstats.Stats) -> dict[str, float]:
