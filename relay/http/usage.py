@@ -300,6 +300,9 @@ def _carries_text(payload: bytes) -> bool:
 #: none starts inside a ``data:``.
 _DOUBTFUL_SIGNS = (b'""', b"[]", b"[DONE]")
 _FINISH_NOT_NULL = re.compile(rb'"finish_reason"(?!:null|: null)')
+#: Signs beyond which every line is asked instead: each sign costs a few
+#: searches of the window, each line a few searches of its own bytes.
+_MOST_SIGNS = 16
 
 
 def _count_text_events(window: bytes) -> tuple[int, int]:
@@ -314,15 +317,18 @@ def _count_text_events(window: bytes) -> tuple[int, int]:
     work per stream.
     """
     find = window.find
-    # Every data line, where it starts: at the window's start or after a line break.
-    lines = window.count(b"\ndata:") + window.count(b"\rdata:") + window.startswith(b"data:")
-    doubtful: list[int] = []  # where a sign starts
+    doubtful = [match.start() for match in _FINISH_NOT_NULL.finditer(window)]
+    if len(doubtful) + sum(map(window.count, _DOUBTFUL_SIGNS)) > _MOST_SIGNS:
+        # Many signs (events with empty strings, say): each would cost a few
+        # searches of the window, so every line is asked instead, once.
+        return _count_text_events_by_line(window)
     for sign in _DOUBTFUL_SIGNS:
         at = find(sign)
-        while at >= 0:
+        while at >= 0:  # overlapping ones too: at most twice the count above
             doubtful.append(at)
             at = find(sign, at + 1)
-    doubtful += [match.start() for match in _FINISH_NOT_NULL.finditer(window)]
+    # Every data line, where it starts: at the window's start or after a line break.
+    lines = window.count(b"\ndata:") + window.count(b"\rdata:") + window.startswith(b"data:")
     events = lines
     asked: set[int] = set()
     for at in doubtful:
@@ -347,6 +353,16 @@ def _count_text_events(window: bytes) -> tuple[int, int]:
         payload = window[stop : line_end if cr < 0 else cr].strip()
         if payload == b"[DONE]" or not _carries_text(payload):
             events -= 1
+    return lines, events
+
+
+def _count_text_events_by_line(window: bytes) -> tuple[int, int]:
+    """:func:`_count_text_events`, asking every line."""
+    lines = events = 0
+    for payload in _data_lines(window):
+        lines += 1
+        if payload != b"[DONE]" and _carries_text(payload):
+            events += 1
     return lines, events
 
 

@@ -420,7 +420,7 @@ _SSE_PIECES = [
 
 
 @settings(max_examples=3000, deadline=None)
-@given(st.lists(st.sampled_from(_SSE_PIECES), max_size=16).map(b"".join))
+@given(st.lists(st.sampled_from(_SSE_PIECES), max_size=60).map(b"".join))
 def test_an_estimate_counts_the_text_events_as_asking_each_line_would(window):
     """Counting from the signs found in the whole window gives the count of asking
     every data line alone, whatever the bytes."""
