@@ -318,15 +318,15 @@ def _count_text_events(window: bytes) -> tuple[int, int]:
     """
     find = window.find
     doubtful = [match.start() for match in _FINISH_NOT_NULL.finditer(window)]
-    if len(doubtful) + sum(map(window.count, _DOUBTFUL_SIGNS)) > _MOST_SIGNS:
+    for sign in _DOUBTFUL_SIGNS:
+        at = find(sign)
+        while at >= 0 and len(doubtful) <= _MOST_SIGNS:
+            doubtful.append(at)
+            at = find(sign, at + 1)
+    if len(doubtful) > _MOST_SIGNS:
         # Many signs (events with empty strings, say): each would cost a few
         # searches of the window, so every line is asked instead, once.
         return _count_text_events_by_line(window)
-    for sign in _DOUBTFUL_SIGNS:
-        at = find(sign)
-        while at >= 0:  # overlapping ones too: at most twice the count above
-            doubtful.append(at)
-            at = find(sign, at + 1)
     # Every data line, where it starts: at the window's start or after a line break.
     lines = window.count(b"\ndata:") + window.count(b"\rdata:") + window.startswith(b"data:")
     events = lines
