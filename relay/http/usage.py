@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -329,11 +330,13 @@ def _tail(reads: Sequence[bytes], max_bytes: int) -> bytes:
     return joined[-max_bytes:] if taken > max_bytes else joined
 
 
-def _data_lines(tail: bytes) -> Iterator[bytes]:
-    """The payloads of the ``data:`` lines in ``tail``, last first (the first may be cut).
+def _data_spans(tail: bytes) -> Iterator[tuple[int, int]]:
+    """Where the payloads of the ``data:`` lines in ``tail`` are (start, stop, not
+    yet stripped), last first; the first may be cut.
 
     Lazy, and each search bounded by the line found before it: the usage is
-    usually in the last event, and a tail may be megabytes.
+    usually in the last event, and a tail may be megabytes. A payload ends at
+    a line break or at the next ``data:``.
     """
     end = len(tail)
     while True:
@@ -348,8 +351,14 @@ def _data_lines(tail: bytes) -> Iterator[bytes]:
         if line_end < 0:
             line_end = end
         cr = tail.find(b"\r", stop, line_end)
-        yield tail[stop : line_end if cr < 0 else cr].strip()
+        yield stop, line_end if cr < 0 else cr
         end = start
+
+
+def _data_lines(tail: bytes) -> Iterator[bytes]:
+    """The payloads of the ``data:`` lines in ``tail``, stripped, last first."""
+    for start, stop in _data_spans(tail):
+        yield tail[start:stop].strip()
 
 
 _LINE_BREAKS = b"\r\n"
@@ -394,6 +403,79 @@ def _carries_text(payload: bytes) -> bool:
     return bool(document.get("text"))
 
 
+#: What may make a ``data:`` line carry no text, or be ``[DONE]``; and a
+#: ``finish_reason`` that is not null (a line with either null form is text to
+#: :func:`_carries_text`, whatever else it holds). None holds a line break or
+#: a lower-case ``d``, so one that starts inside a payload ends inside it, and
+#: none starts inside a ``data:``.
+_DOUBTFUL_SIGNS = (b'""', b"[]", b"[DONE]")
+_FINISH_NOT_NULL = re.compile(rb'"finish_reason"(?!:null|: null)')
+#: Signs beyond which every line is asked instead: each sign costs a few
+#: searches of the window, each line a few searches of its own bytes.
+_MOST_SIGNS = 16
+
+
+def _count_text_events(window: bytes) -> tuple[int, int]:
+    """How many ``data:`` lines ``window`` holds, and how many carry generated text.
+
+    The same count as asking ``payload != b"[DONE]" and _carries_text(payload)``
+    of every line that :func:`_data_lines` yields, in a few searches of the
+    whole window: the lines are counted where they start, and only a line
+    holding a sign that it may not count (:data:`_DOUBTFUL_SIGNS`, a
+    ``finish_reason`` that is not null) is asked. Most events of a stream hold
+    none; asking each one made this estimate the largest part of relay's own
+    work per stream.
+    """
+    find = window.find
+    doubtful = [match.start() for match in _FINISH_NOT_NULL.finditer(window)]
+    for sign in _DOUBTFUL_SIGNS:
+        at = find(sign)
+        while at >= 0 and len(doubtful) <= _MOST_SIGNS:
+            doubtful.append(at)
+            at = find(sign, at + 1)
+    if len(doubtful) > _MOST_SIGNS:
+        # Many signs (events with empty strings, say): each would cost a few
+        # searches of the window, so every line is asked instead, once.
+        return _count_text_events_by_line(window)
+    # Every data line, where it starts: at the window's start or after a line break.
+    lines = window.count(b"\ndata:") + window.count(b"\rdata:") + window.startswith(b"data:")
+    events = lines
+    asked: set[int] = set()
+    for at in doubtful:
+        # The last "data:" before the sign: the payload holding it, if any.
+        start = window.rfind(b"data:", 0, at)
+        if start < 0 or start in asked:
+            continue
+        if start and window[start - 1] not in _LINE_BREAKS:
+            continue  # after a "data:" inside a line, where no payload reaches
+        stop = start + 5
+        if find(b"\n", stop, at) >= 0 or find(b"\r", stop, at) >= 0:
+            continue  # on a later line: that payload holds no sign, and counts
+        asked.add(start)
+        # That payload, cut as _data_spans cuts it.
+        end = find(b"data:", stop)
+        if end < 0:
+            end = len(window)
+        line_end = find(b"\n", stop, end)
+        if line_end < 0:
+            line_end = end
+        cr = find(b"\r", stop, line_end)
+        payload = window[stop : line_end if cr < 0 else cr].strip()
+        if payload == b"[DONE]" or not _carries_text(payload):
+            events -= 1
+    return lines, events
+
+
+def _count_text_events_by_line(window: bytes) -> tuple[int, int]:
+    """:func:`_count_text_events`, asking every line."""
+    lines = events = 0
+    for payload in _data_lines(window):
+        lines += 1
+        if payload != b"[DONE]" and _carries_text(payload):
+            events += 1
+    return lines, events
+
+
 def usage_from_stream(tail_reads: Sequence[bytes], total_bytes: int, *, max_bytes: int) -> Usage:
     """The usage reported at the end of an SSE stream, or an estimate marked as one.
 
@@ -406,10 +488,15 @@ def usage_from_stream(tail_reads: Sequence[bytes], total_bytes: int, *, max_byte
     """
     tail = _tail(tail_reads, max_bytes)
     model: str | None = None
-    for seen, payload in enumerate(_data_lines(tail)):
+    # Only a line naming "usage" or "meta_info" is read: when the tail names
+    # neither (most streams), its lines are not looked at one by one. find, not
+    # ``in``: ``bytes.__contains__`` first tries its operand as an integer, and
+    # the TypeError it makes and drops costs more than the search.
+    named = tail.find(b'"usage"') >= 0 or tail.find(b'"meta_info"') >= 0
+    for seen, payload in enumerate(_data_lines(tail) if named else ()):
         if seen == LAST_EVENTS:
             break
-        if b'"usage"' in payload or b'"meta_info"' in payload:
+        if payload.find(b'"usage"') >= 0 or payload.find(b'"meta_info"') >= 0:
             try:
                 document = json.loads(payload)
             except ValueError:
@@ -423,11 +510,7 @@ def usage_from_stream(tail_reads: Sequence[bytes], total_bytes: int, *, max_byte
     if not total_bytes:
         return NO_USAGE
     window = tail[-ESTIMATE_BYTES:]
-    events = lines = 0
-    for payload in _data_lines(window):
-        lines += 1
-        if payload != b"[DONE]" and _carries_text(payload):
-            events += 1
+    lines, events = _count_text_events(window)
     if not lines:
         # Not one event boundary near the end: an event bigger than the
         # window. Its bytes are the best measure there is.

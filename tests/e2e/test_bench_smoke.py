@@ -112,3 +112,31 @@ def test_a_tiny_held_run_measures_relay_beside_nginx():
         assert summary["rss_kb_per_stream"] >= 0
     assert peers["relay"]["lag_ticks"] > 0
     assert "held N=10" in (ROOT / "bench" / "results" / "held.md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_the_stream_cost_harness_opens_each_stream_on_new_connections():
+    """`python -m bench.opencost` runs relay in its own process, every stream on a new
+    client and a new upstream connection, each token read on its own (lock step)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.opencost",
+            "--streams",
+            "6",
+            "--tokens",
+            "3",
+            "--concurrency",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["upstream_connects"] == 6
+    assert summary["endings"] == {"complete/true": 6}
+    assert summary["coalesced"] == 0

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.config import Config
 from relay.core.admission import Admission, Ticket
@@ -25,6 +27,9 @@ from relay.http.usage import (
     MIN_EVENT_READ_BYTES,
     TAIL_READS,
     StreamTail,
+    _carries_text,
+    _count_text_events,
+    _data_lines,
     usage_from_json,
     usage_from_json_tail,
     usage_from_stream,
@@ -466,3 +471,49 @@ def test_a_key_file_error_names_the_bad_word(line, named):
     with pytest.raises(KeyFileError) as caught:
         parse_named_keys(line + "\n")
     assert str(caught.value).startswith(named), caught.value
+
+
+#: Pieces of SSE text, where a data line may start, end, be cut or hold a sign
+#: that it may carry no text.
+_SSE_PIECES = [
+    b"data:",
+    b"data: ",
+    b"\ndata: ",
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b"\n\n",
+    b'""',
+    b"[]",
+    b"[DONE]",
+    b'"finish_reason"',
+    b":null",
+    b": null",
+    b':"stop"',
+    b" ",
+    b"\x0b",
+    b"x",
+    b"d",
+    b"ata:",
+    b'{"choices":[{"delta":{"content":"a"},"finish_reason":null}]}',
+    b'{"choices":[{"delta":{},"finish_reason":"length"}]}',
+    b'{"text":""}',
+    b"{",
+    b"}",
+    b'"',
+    b"[",
+    b"]",
+]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_SSE_PIECES), max_size=60).map(b"".join))
+def test_an_estimate_counts_the_text_events_as_asking_each_line_would(window):
+    """Counting from the signs found in the whole window gives the count of asking
+    every data line alone, whatever the bytes."""
+    lines = events = 0
+    for payload in _data_lines(window):
+        lines += 1
+        if payload != b"[DONE]" and _carries_text(payload):
+            events += 1
+    assert _count_text_events(window) == (lines, events)
