@@ -278,10 +278,16 @@ def loop_stall(before: dict[float, float], after: dict[float, float]) -> dict[st
 
 
 async def measure_held(
-    peer: Peer, streams: int, tokens: int, admin_port: int | None
+    peer: Peer, streams: int, tokens: int, admin_port: int | None, fresh_rss_mb: float
 ) -> dict[str, Any]:
-    """One held run through ``peer``: latency, CPU, resident memory per stream, loop lag."""
-    baseline = peer.rss_mb()
+    """One held run through ``peer``: latency, CPU, resident memory per stream, loop lag.
+
+    Memory per stream is measured from ``fresh_rss_mb``, the peer's resident memory
+    before it served any stream: a later round starts from a process whose
+    allocator kept the previous round's memory (CPython's does, nginx's pools do
+    not), and measured from there relay's streams would look almost free.
+    """
+    baseline = fresh_rss_mb
     cpu_before = peer.cpu()
     lag_before = loop_lag_buckets(admin_port) if admin_port else None
     peak = baseline
@@ -368,11 +374,12 @@ def held(
                 else:
                     peers.append(nginx)
                 samples: dict[str, list[dict[str, Any]]] = {p.name: [] for p in peers}
+                fresh = {p.name: p.rss_mb() for p in peers}
                 for index in range(rounds):
                     order = peers if index % 2 == 0 else peers[::-1]
                     for peer in order:
                         port = admin if peer.name == "relay" else None
-                        summary = run_loop(measure_held(peer, n, tokens, port))
+                        summary = run_loop(measure_held(peer, n, tokens, port, fresh[peer.name]))
                         samples[peer.name].append(summary)
                         print(held_line(n, peer.name, summary), flush=True)
             finally:
