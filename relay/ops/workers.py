@@ -91,6 +91,8 @@ START_TIMEOUT = 60.0
 WORKER_COMMAND = (sys.executable, "-m", "relay", "serve")
 #: Longest channel message (a metrics snapshot grows with upstreams and statuses).
 CHANNEL_LIMIT = 4 * 1024 * 1024
+#: How long a worker's channel may take to close once relay closes it (seconds).
+CHANNEL_CLOSE_TIMEOUT = 1.0
 #: How long a scrape waits for a worker before using its last numbers.
 SCRAPE_TIMEOUT = 2.0
 #: After the drain deadline (or a second signal), workers get this long before SIGKILL.
@@ -181,8 +183,18 @@ async def worker_channel(
     except (OSError, ValueError):
         pass  # a broken channel is a gone parent
     finally:
-        writer.close()
+        await _close_channel(writer)
     drain("parent process gone")
+
+
+async def _close_channel(writer: asyncio.StreamWriter) -> None:
+    """Close a channel and read how it closed (a reset when the other side was
+    killed): left unread, asyncio logs "Future exception was never retrieved",
+    with a traceback, when the stream is collected."""
+    writer.close()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(CHANNEL_CLOSE_TIMEOUT):
+            await writer.wait_closed()
 
 
 def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
@@ -356,7 +368,7 @@ class Supervisor:
                 if not future.done():
                     future.set_exception(ConnectionError("worker gone"))
             if writer is not None:
-                writer.close()
+                await _close_channel(writer)
             else:
                 sock.close()
 
