@@ -193,8 +193,13 @@ class ClientConnection(asyncio.Protocol):
         self._deferred = False
         try:
             self._start_timed()
-        finally:
-            self._update_reading()  # read again, unless something else holds it
+        except Exception:
+            # As a transport does when data_received raises: the connection is
+            # in no known state (the head may be taken, with no exchange and no
+            # deadline), so it goes; connection_lost cleans up. The pacer logs.
+            self.transport.abort()
+            raise
+        self._update_reading()  # read again, unless something else holds it
 
     def _start_timed(self) -> None:
         clock = self._pacer.clock

@@ -427,3 +427,53 @@ def test_a_drain_answers_a_request_still_waiting_for_its_turn(loop_kind, monkeyp
             upstream.close()
 
     run(loop_kind, main, limit=30)
+
+
+@pytest.mark.parametrize("budget", [0.0, None], ids=["waits", "at-once"])
+def test_a_request_whose_start_fails_closes_its_connection_only(
+    loop_kind, budget, monkeypatch, caplog
+):
+    """When starting a request raises (a defect relay did not foresee), its
+    connection is closed, whether the request waited for its turn or not, as a
+    transport closes a connection whose data_received raised: it is not left
+    open with no request, no exchange and no deadline. The other connections'
+    requests are served, and connections, exchanges and the queue go back to
+    zero."""
+    caplog.set_level(logging.CRITICAL, logger="relay.events")  # the expected traceback
+    check_request_headers = downstream.check_request_headers
+
+    def failing(fields: list[tuple[bytes, bytes]]) -> None:
+        if any(name == b"x-fail" for name, _ in fields):
+            raise RuntimeError("a defect in starting a request")
+        check_request_headers(fields)
+
+    monkeypatch.setattr(downstream, "check_request_headers", failing)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, _context: None)  # the transport's report
+        fds = _open_sockets()
+        async with relay_and_upstream() as (_upstream, relay):
+            pacer = relay.state.head_pacer
+            if budget is not None:
+                pacer.budget = budget
+            broken = await raw_client(relay)
+            others = [await raw_client(relay) for _ in range(5)]
+            await until(lambda: len(relay.state.connections) == 1 + len(others))
+            broken.send(get("/fails", b"x-fail: 1\r\n"))
+            for index, sock in enumerate(others):
+                sock.send(get(f"/fine/{index}"))
+            answers = await asyncio.gather(
+                *(read_until(sock, lambda d: d.endswith(b"ok")) for sock in others)
+            )
+            assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+            # Read until relay closes it (bounded by WAIT): no answer, and no hang.
+            assert await read_until(broken, lambda _d: False) == b""
+            for sock in [broken, *others]:
+                sock.close()
+            await until(lambda: not relay.state.connections)
+            await until(lambda: relay.metrics.active_exchanges == 0)
+            assert len(pacer) == 0
+        await until(lambda: _open_sockets() <= fds)
+
+    run(loop_kind, main, limit=30)
