@@ -134,7 +134,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._head_bytes += data
         if not self._deferred:
-            self._start_or_defer()
+            self._start_or_defer(len(data))
         # else: it waits in h11's buffer for the connection's turn (reading is paused)
 
     def eof_received(self) -> bool | None:
@@ -168,18 +168,28 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.client_resume_writing()
 
     # -- starting a request: a share of each loop turn --------------------------------
-    def _start_or_defer(self) -> None:
+    def _start_or_defer(self, new: int) -> None:
         """Parse the buffered head and start its request now, or in a later turn.
 
         When this loop turn's budget for new requests is spent (a burst of
         heads arrived in one poll; see ``core/headpacer.py``), the connection
         stops reading and waits in the pacer's FIFO, so the token reads of
         streams already open go first. The head deadline keeps running from
-        when the head began to arrive.
+        when the head began to arrive. Only a whole head waits: a piece of one
+        (its last ``new`` bytes just came) starts nothing and is taken at once,
+        so a head that comes in pieces waits once, not at the back of the
+        queue once per piece.
         """
         pacer = self._pacer
         if pacer.may_start():
             self._start_timed()
+            return
+        head = self._head_bytes
+        # Where h11 finds a head's end (its blank line, "\n\r?\n"); the 2 bytes
+        # before the new ones may hold its start.
+        start = max(0, len(head) - new - 2)
+        if head.find(b"\n\n", start) < 0 and head.find(b"\n\r\n", start) < 0:
+            self._process()  # h11 needs more (or refuses what it has)
             return
         self._deferred = True
         self.state.metrics.starts_deferred += 1
@@ -507,7 +517,7 @@ class ClientConnection(asyncio.Protocol):
         if closed:
             self._h11.receive_data(b"")
         if data:
-            self._start_or_defer()  # a pipelined request starts like any other
+            self._start_or_defer(len(data))  # a pipelined request starts like any other
         else:
             self._process()  # nothing buffered: h11 has nothing to parse (or only the end)
 

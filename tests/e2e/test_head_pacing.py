@@ -477,3 +477,45 @@ def test_a_request_whose_start_fails_closes_its_connection_only(
         await until(lambda: _open_sockets() <= fds)
 
     run(loop_kind, main, limit=30)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_head_that_arrives_in_pieces_waits_for_a_turn_once(loop_kind, tls, tls_files):
+    """With no budget at all, a request head that arrives in pieces (a slow
+    client, a head longer than a segment) waits for a turn once, when it is
+    whole, not once per piece: each piece's wait sent it to the back of the
+    queue again and counted as one more deferred start. The pieces before the
+    last are read as they come; the requests are answered; the queue empties."""
+    cert, client_context = tls_files
+    limits: dict[str, Any] = {"tls_cert": cert} if tls else {}
+    context = client_context if tls else None
+    # Split everywhere a head can be, the blank line that ends it included,
+    # and a second request on the same connection, pipelined in pieces: each
+    # piece with how much of a head relay holds once it has read it.
+    head = get("/pieces", b"X-Long: " + b"a" * 300 + b"\r\n")
+    second = get("/second")
+    cuts = [5, 40, len(head) - 3, len(head) - 1]
+    first = [(head[a:b], b) for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
+    pipelined = [(head[-1:] + head + second[:-2], len(second) - 2)]
+
+    async def main() -> None:
+        async with relay_and_upstream(**limits) as (upstream, relay):
+            pacer = relay.state.head_pacer
+            pacer.budget = 0.0
+            sock = await raw_client(relay, context)
+            await until(lambda: len(relay.state.connections) == 1)
+            (conn,) = relay.state.connections
+            for piece, held in [*first, *pipelined]:
+                sock.send(piece)
+                await until(lambda held=held: len(conn._head_bytes) == held)
+            sock.send(second[-2:])
+            answer = await read_until(sock, lambda d: d.count(b"ok") == 3)
+            assert answer.count(b"HTTP/1.1 200") == 3, answer
+            assert upstream.served == [b"/pieces ", b"/pieces ", b"/second "]
+            assert pacer.deferred_total == 3, pacer.deferred_total
+            assert relay.metrics.starts_deferred == 3
+            assert len(pacer) == 0
+            sock.close()
+            await until(lambda: not relay.state.connections)
+
+    run(loop_kind, main, limit=30)
