@@ -149,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.state.connections.discard(self)
-        self._leave_pacer()
+        self._leave_pacer(Ending.CLIENT_GONE)
         self._cancel_timer()
         self._cancel_linger()
         exchange, self.exchange = self.exchange, None
@@ -217,10 +217,39 @@ class ClientConnection(asyncio.Protocol):
         self._process()
         self._pacer.spent(clock() - started)
 
-    def _leave_pacer(self) -> None:
-        if self._deferred:
-            self._deferred = False
-            self._pacer.discard(self)
+    def _leave_pacer(self, ending: Ending | None = None) -> None:
+        """Leave the queue; with ``ending``, the connection ends and so does the
+        request that waited in it (``None``: that request is answered otherwise)."""
+        if not self._deferred:
+            return
+        self._deferred = False
+        self._pacer.discard(self)
+        if ending is None:
+            return
+        # relay read this request whole: like every request, it gets one
+        # access line and one count in the endings, though it never started.
+        try:
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            exc.__traceback__ = None  # see _process
+            event = None
+        request = event if isinstance(event, h11.Request) else None
+        self.state.metrics.endings[ending.value, "false"] += 1
+        log_exchange(
+            client=self.client_host,
+            method=b"-" if request is None else request.method,
+            target=b"-" if request is None else request.target,
+            status=None,
+            upstream="-",
+            requested_model=None,
+            forwarded_model=None,
+            bytes_in=0,
+            bytes_out=0,
+            head_s=None,
+            ttft_s=None,
+            total_s=time.monotonic() - self._cycle_started,
+            ending=ending.value,
+        )
 
     # -- request processing ------------------------------------------------
     def _process(self) -> None:
@@ -562,7 +591,7 @@ class ClientConnection(asyncio.Protocol):
         """No more requests: deadlines off, an exchange in flight aborted."""
         self._closed = True
         self._cancel_timer()
-        self._leave_pacer()
+        self._leave_pacer(ending)
         exchange, self.exchange = self.exchange, None
         if exchange is not None and exchange.phase is not Phase.DONE:
             exchange.abort(ending)
@@ -600,5 +629,6 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # keep-alive expired: close quietly, as nginx does
             return 0.0
         self.state.metrics.timeouts += 1
+        self._leave_pacer()  # its 408 is its access line
         self._refuse(None, RelayError(408, "request head not received in time", "timeout"))
         return 0.0

@@ -355,10 +355,10 @@ def test_requests_that_wait_for_their_turn_are_served_in_order_and_end_once(
             started = len([t for t in served if not t.startswith(b"/gone")])
             lines = [r for r in caplog.records if r.name == "relay.access"]
             gone_lines = [r for r in lines if "/gone" in r.getMessage()]
-            # A request that waited is logged once when it started (and, if its
-            # client had gone, ended then), or not at all if relay never read it.
+            # A request that waited is logged once: when it started (and, if its
+            # client had gone, ended then), or when its connection ended first.
             assert len(lines) == started + len(gone_lines), [r.getMessage() for r in lines]
-            assert len(gone_lines) <= len(gone)
+            assert len(gone_lines) == len(gone), [r.getMessage() for r in gone_lines]
             endings = sum(relay.metrics.endings.values())
             assert endings == len(lines), (endings, len(lines))
         await until(lambda: _open_sockets() <= fds)
@@ -366,9 +366,11 @@ def test_requests_that_wait_for_their_turn_are_served_in_order_and_end_once(
     run(loop_kind, main, limit=60)
 
 
-def test_the_head_deadline_runs_while_a_request_waits_for_its_turn(loop_kind, monkeypatch):
+def test_the_head_deadline_runs_while_a_request_waits_for_its_turn(loop_kind, monkeypatch, caplog):
     """A request held in the queue is still bound by the head deadline, counted
     from its first byte: the client gets a 408 and the queue lets it go."""
+
+    caplog.set_level(logging.INFO, logger="relay.access")
 
     async def main() -> None:
         async with relay_and_upstream(client_head_timeout=0.4) as (_upstream, relay):
@@ -387,6 +389,9 @@ def test_the_head_deadline_runs_while_a_request_waits_for_its_turn(loop_kind, mo
             assert len(pacer) == 0
             sock.close()
             await until(lambda: not relay.state.connections)
+            # One access line, the 408's.
+            lines = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
+            assert len(lines) == 1 and "status=408" in lines[0], lines
 
     run(loop_kind, main, limit=30)
 
@@ -517,5 +522,54 @@ def test_a_head_that_arrives_in_pieces_waits_for_a_turn_once(loop_kind, tls, tls
             assert len(pacer) == 0
             sock.close()
             await until(lambda: not relay.state.connections)
+
+    run(loop_kind, main, limit=30)
+
+
+@pytest.mark.parametrize("how", ["client-reset-tls", "server-close"])
+def test_a_request_whose_connection_ends_while_it_waits_is_logged_once(
+    loop_kind, how, tls_files, monkeypatch, caplog
+):
+    """A whole request that waits for its turn and whose connection ends first
+    (a TLS client that resets it, which relay sees while reading is paused;
+    relay closed without a drain) is logged once, with its method, path and
+    ending, and counted in the endings, as it would be had it started: relay
+    read it, so it does not vanish from the access log."""
+    caplog.set_level(logging.INFO, logger="relay.access")
+    cert, client_context = tls_files
+    tls = how == "client-reset-tls"
+    limits: dict[str, Any] = {"tls_cert": cert} if tls else {}
+    context = client_context if tls else None
+    ending = "client_gone" if tls else "drain"
+
+    async def main() -> None:
+        fds = _open_sockets()
+        async with relay_and_upstream(**limits) as (upstream, relay):
+            pacer = relay.state.head_pacer
+            pacer.budget = 0.0
+            monkeypatch.setattr(pacer, "_turn", lambda: None)  # their turn never comes
+            socks = [await raw_client(relay, context) for _ in range(3)]
+            await until(lambda: len(relay.state.connections) == len(socks))
+            for index, sock in enumerate(socks):
+                sock.send(get(f"/waits/{index}"))
+            await until(lambda: len(pacer) == len(socks))
+            if tls:
+                for sock in socks:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    sock.close()  # a reset
+            else:
+                await relay.close()
+            await until(lambda: not relay.state.connections)
+            assert len(pacer) == 0
+            lines = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
+            assert len(lines) == len(socks), lines
+            for index in range(len(socks)):
+                (line,) = [line for line in lines if f"path=/waits/{index} " in line]
+                assert "method=GET" in line and f"ending={ending}" in line, line
+            assert dict(relay.metrics.endings) == {(ending, "false"): len(socks)}
+            assert upstream.served == []
+            for sock in socks:
+                sock.close()
+        await until(lambda: _open_sockets() <= fds)
 
     run(loop_kind, main, limit=30)
