@@ -75,6 +75,7 @@ class ClientConnection(asyncio.Protocol):
         # start the request its buffered bytes begin (reading paused meanwhile).
         self._deferred = False
         self._pacer = state.head_pacer
+        self._starting = False  # inside _start_timed: a request's start is under way
         self._closed = False
         # A body of known length read without h11 (see the module docstring):
         # the bytes still to come, and what came and was not taken yet (body
@@ -181,7 +182,7 @@ class ClientConnection(asyncio.Protocol):
         queue once per piece.
         """
         pacer = self._pacer
-        if pacer.may_start():
+        if pacer.may_start() and not self._starting:
             self._start_timed()
             return
         head = self._head_bytes
@@ -214,7 +215,14 @@ class ClientConnection(asyncio.Protocol):
     def _start_timed(self) -> None:
         clock = self._pacer.clock
         started = clock()
-        self._process()
+        # A request relay answers at once ends inside its own start, and the
+        # next pipelined one must not start from there: a frame deeper per
+        # request, with none of it counted until the outermost start returns.
+        self._starting = True
+        try:
+            self._process()
+        finally:
+            self._starting = False
         self._pacer.spent(clock() - started)
 
     def _leave_pacer(self, ending: Ending | None = None) -> None:

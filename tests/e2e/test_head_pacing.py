@@ -573,3 +573,38 @@ def test_a_request_whose_connection_ends_while_it_waits_is_logged_once(
         await until(lambda: _open_sockets() <= fds)
 
     run(loop_kind, main, limit=30)
+
+
+def test_pipelined_requests_relay_answers_itself_start_one_after_another_not_nested(
+    loop_kind, caplog
+):
+    """Requests relay answers at once, without an upstream (the test stream's
+    model list), pipelined by the hundred in one write, are all answered in
+    order: each answer's end starts the next request from a later loop turn
+    (within the pacer's budget), not from inside the one that just ended, so
+    the starts do not nest a Python frame deeper per request until the
+    recursion limit cuts the connection, and they take their share of a turn
+    like any new request."""
+    caplog.set_level(logging.INFO, logger="relay.access")
+    count = 400
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        async with relay_and_upstream(test_stream="/t") as (upstream, relay):
+            sock = await raw_client(relay)
+            sock.setblocking(True)
+            sock.sendall(get("/t/v1/models") * count)
+            sock.setblocking(False)
+            answers = await read_until(sock, lambda d: d.count(b"relay-test-stream") == count)
+            assert answers.count(b"HTTP/1.1 200") == count, (answers.count(b"HTTP/1.1 200"), errors)
+            sock.close()
+            await until(lambda: not relay.state.connections)
+            assert relay.metrics.active_exchanges == 0
+            assert len(relay.state.head_pacer) == 0
+            assert upstream.served == []
+        lines = [r for r in caplog.records if r.name == "relay.access"]
+        assert len(lines) == count
+        assert not errors, errors
+
+    run(loop_kind, main, limit=60)
