@@ -75,6 +75,7 @@ class ClientConnection(asyncio.Protocol):
         # start the request its buffered bytes begin (reading paused meanwhile).
         self._deferred = False
         self._pacer = state.head_pacer
+        self._starting = False  # inside _start_timed: a request's start is under way
         self._closed = False
         # A body of known length read without h11 (see the module docstring):
         # the bytes still to come, and what came and was not taken yet (body
@@ -134,7 +135,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._head_bytes += data
         if not self._deferred:
-            self._start_or_defer()
+            self._start_or_defer(len(data))
         # else: it waits in h11's buffer for the connection's turn (reading is paused)
 
     def eof_received(self) -> bool | None:
@@ -149,7 +150,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.state.connections.discard(self)
-        self._leave_pacer()
+        self._leave_pacer(Ending.CLIENT_GONE)
         self._cancel_timer()
         self._cancel_linger()
         exchange, self.exchange = self.exchange, None
@@ -168,18 +169,28 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.client_resume_writing()
 
     # -- starting a request: a share of each loop turn --------------------------------
-    def _start_or_defer(self) -> None:
+    def _start_or_defer(self, new: int) -> None:
         """Parse the buffered head and start its request now, or in a later turn.
 
         When this loop turn's budget for new requests is spent (a burst of
         heads arrived in one poll; see ``core/headpacer.py``), the connection
         stops reading and waits in the pacer's FIFO, so the token reads of
         streams already open go first. The head deadline keeps running from
-        when the head began to arrive.
+        when the head began to arrive. Only a whole head waits: a piece of one
+        (its last ``new`` bytes just came) starts nothing and is taken at once,
+        so a head that comes in pieces waits once, not at the back of the
+        queue once per piece.
         """
         pacer = self._pacer
-        if pacer.may_start():
+        if pacer.may_start() and not self._starting:
             self._start_timed()
+            return
+        head = self._head_bytes
+        # Where h11 finds a head's end (its blank line, "\n\r?\n"); the 2 bytes
+        # before the new ones may hold its start.
+        start = max(0, len(head) - new - 2)
+        if head.find(b"\n\n", start) < 0 and head.find(b"\n\r\n", start) < 0:
+            self._process()  # h11 needs more (or refuses what it has)
             return
         self._deferred = True
         self.state.metrics.starts_deferred += 1
@@ -193,19 +204,60 @@ class ClientConnection(asyncio.Protocol):
         self._deferred = False
         try:
             self._start_timed()
-        finally:
-            self._update_reading()  # read again, unless something else holds it
+        except Exception:
+            # As a transport does when data_received raises: the connection is
+            # in no known state (the head may be taken, with no exchange and no
+            # deadline), so it goes; connection_lost cleans up. The pacer logs.
+            self.transport.abort()
+            raise
+        self._update_reading()  # read again, unless something else holds it
 
     def _start_timed(self) -> None:
         clock = self._pacer.clock
         started = clock()
-        self._process()
+        # A request relay answers at once ends inside its own start, and the
+        # next pipelined one must not start from there: a frame deeper per
+        # request, with none of it counted until the outermost start returns.
+        self._starting = True
+        try:
+            self._process()
+        finally:
+            self._starting = False
         self._pacer.spent(clock() - started)
 
-    def _leave_pacer(self) -> None:
-        if self._deferred:
-            self._deferred = False
-            self._pacer.discard(self)
+    def _leave_pacer(self, ending: Ending | None = None) -> None:
+        """Leave the queue; with ``ending``, the connection ends and so does the
+        request that waited in it (``None``: that request is answered otherwise)."""
+        if not self._deferred:
+            return
+        self._deferred = False
+        self._pacer.discard(self)
+        if ending is None:
+            return
+        # relay read this request whole: like every request, it gets one
+        # access line and one count in the endings, though it never started.
+        try:
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            exc.__traceback__ = None  # see _process
+            event = None
+        request = event if isinstance(event, h11.Request) else None
+        self.state.metrics.endings[ending.value, "false"] += 1
+        log_exchange(
+            client=self.client_host,
+            method=b"-" if request is None else request.method,
+            target=b"-" if request is None else request.target,
+            status=None,
+            upstream="-",
+            requested_model=None,
+            forwarded_model=None,
+            bytes_in=0,
+            bytes_out=0,
+            head_s=None,
+            ttft_s=None,
+            total_s=time.monotonic() - self._cycle_started,
+            ending=ending.value,
+        )
 
     # -- request processing ------------------------------------------------
     def _process(self) -> None:
@@ -502,7 +554,7 @@ class ClientConnection(asyncio.Protocol):
         if closed:
             self._h11.receive_data(b"")
         if data:
-            self._start_or_defer()  # a pipelined request starts like any other
+            self._start_or_defer(len(data))  # a pipelined request starts like any other
         else:
             self._process()  # nothing buffered: h11 has nothing to parse (or only the end)
 
@@ -547,7 +599,7 @@ class ClientConnection(asyncio.Protocol):
         """No more requests: deadlines off, an exchange in flight aborted."""
         self._closed = True
         self._cancel_timer()
-        self._leave_pacer()
+        self._leave_pacer(ending)
         exchange, self.exchange = self.exchange, None
         if exchange is not None and exchange.phase is not Phase.DONE:
             exchange.abort(ending)
@@ -585,5 +637,6 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # keep-alive expired: close quietly, as nginx does
             return 0.0
         self.state.metrics.timeouts += 1
+        self._leave_pacer()  # its 408 is its access line
         self._refuse(None, RelayError(408, "request head not received in time", "timeout"))
         return 0.0

@@ -355,10 +355,10 @@ def test_requests_that_wait_for_their_turn_are_served_in_order_and_end_once(
             started = len([t for t in served if not t.startswith(b"/gone")])
             lines = [r for r in caplog.records if r.name == "relay.access"]
             gone_lines = [r for r in lines if "/gone" in r.getMessage()]
-            # A request that waited is logged once when it started (and, if its
-            # client had gone, ended then), or not at all if relay never read it.
+            # A request that waited is logged once: when it started (and, if its
+            # client had gone, ended then), or when its connection ended first.
             assert len(lines) == started + len(gone_lines), [r.getMessage() for r in lines]
-            assert len(gone_lines) <= len(gone)
+            assert len(gone_lines) == len(gone), [r.getMessage() for r in gone_lines]
             endings = sum(relay.metrics.endings.values())
             assert endings == len(lines), (endings, len(lines))
         await until(lambda: _open_sockets() <= fds)
@@ -366,9 +366,11 @@ def test_requests_that_wait_for_their_turn_are_served_in_order_and_end_once(
     run(loop_kind, main, limit=60)
 
 
-def test_the_head_deadline_runs_while_a_request_waits_for_its_turn(loop_kind, monkeypatch):
+def test_the_head_deadline_runs_while_a_request_waits_for_its_turn(loop_kind, monkeypatch, caplog):
     """A request held in the queue is still bound by the head deadline, counted
     from its first byte: the client gets a 408 and the queue lets it go."""
+
+    caplog.set_level(logging.INFO, logger="relay.access")
 
     async def main() -> None:
         async with relay_and_upstream(client_head_timeout=0.4) as (_upstream, relay):
@@ -387,6 +389,9 @@ def test_the_head_deadline_runs_while_a_request_waits_for_its_turn(loop_kind, mo
             assert len(pacer) == 0
             sock.close()
             await until(lambda: not relay.state.connections)
+            # One access line, the 408's.
+            lines = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
+            assert len(lines) == 1 and "status=408" in lines[0], lines
 
     run(loop_kind, main, limit=30)
 
@@ -427,3 +432,179 @@ def test_a_drain_answers_a_request_still_waiting_for_its_turn(loop_kind, monkeyp
             upstream.close()
 
     run(loop_kind, main, limit=30)
+
+
+@pytest.mark.parametrize("budget", [0.0, None], ids=["waits", "at-once"])
+def test_a_request_whose_start_fails_closes_its_connection_only(
+    loop_kind, budget, monkeypatch, caplog
+):
+    """When starting a request raises (a defect relay did not foresee), its
+    connection is closed, whether the request waited for its turn or not, as a
+    transport closes a connection whose data_received raised: it is not left
+    open with no request, no exchange and no deadline. The other connections'
+    requests are served, and connections, exchanges and the queue go back to
+    zero."""
+    caplog.set_level(logging.CRITICAL, logger="relay.events")  # the expected traceback
+    check_request_headers = downstream.check_request_headers
+
+    def failing(fields: list[tuple[bytes, bytes]]) -> None:
+        if any(name == b"x-fail" for name, _ in fields):
+            raise RuntimeError("a defect in starting a request")
+        check_request_headers(fields)
+
+    monkeypatch.setattr(downstream, "check_request_headers", failing)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, _context: None)  # the transport's report
+        fds = _open_sockets()
+        async with relay_and_upstream() as (_upstream, relay):
+            pacer = relay.state.head_pacer
+            if budget is not None:
+                pacer.budget = budget
+            broken = await raw_client(relay)
+            others = [await raw_client(relay) for _ in range(5)]
+            await until(lambda: len(relay.state.connections) == 1 + len(others))
+            broken.send(get("/fails", b"x-fail: 1\r\n"))
+            for index, sock in enumerate(others):
+                sock.send(get(f"/fine/{index}"))
+            answers = await asyncio.gather(
+                *(read_until(sock, lambda d: d.endswith(b"ok")) for sock in others)
+            )
+            assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+            # Read until relay closes it (bounded by WAIT): no answer, and no hang.
+            assert await read_until(broken, lambda _d: False) == b""
+            for sock in [broken, *others]:
+                sock.close()
+            await until(lambda: not relay.state.connections)
+            await until(lambda: relay.metrics.active_exchanges == 0)
+            assert len(pacer) == 0
+        await until(lambda: _open_sockets() <= fds)
+
+    run(loop_kind, main, limit=30)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_head_that_arrives_in_pieces_waits_for_a_turn_once(loop_kind, tls, tls_files):
+    """With no budget at all, a request head that arrives in pieces (a slow
+    client, a head longer than a segment) waits for a turn once, when it is
+    whole, not once per piece: each piece's wait sent it to the back of the
+    queue again and counted as one more deferred start. The pieces before the
+    last are read as they come; the requests are answered; the queue empties."""
+    cert, client_context = tls_files
+    limits: dict[str, Any] = {"tls_cert": cert} if tls else {}
+    context = client_context if tls else None
+    # Split everywhere a head can be, the blank line that ends it included,
+    # and a second request on the same connection, pipelined in pieces: each
+    # piece with how much of a head relay holds once it has read it.
+    head = get("/pieces", b"X-Long: " + b"a" * 300 + b"\r\n")
+    second = get("/second")
+    cuts = [5, 40, len(head) - 3, len(head) - 1]
+    first = [(head[a:b], b) for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
+    pipelined = [(head[-1:] + head + second[:-2], len(second) - 2)]
+
+    async def main() -> None:
+        async with relay_and_upstream(**limits) as (upstream, relay):
+            pacer = relay.state.head_pacer
+            pacer.budget = 0.0
+            sock = await raw_client(relay, context)
+            await until(lambda: len(relay.state.connections) == 1)
+            (conn,) = relay.state.connections
+            for piece, held in [*first, *pipelined]:
+                sock.send(piece)
+                await until(lambda held=held: len(conn._head_bytes) == held)
+            sock.send(second[-2:])
+            answer = await read_until(sock, lambda d: d.count(b"ok") == 3)
+            assert answer.count(b"HTTP/1.1 200") == 3, answer
+            assert upstream.served == [b"/pieces ", b"/pieces ", b"/second "]
+            assert pacer.deferred_total == 3, pacer.deferred_total
+            assert relay.metrics.starts_deferred == 3
+            assert len(pacer) == 0
+            sock.close()
+            await until(lambda: not relay.state.connections)
+
+    run(loop_kind, main, limit=30)
+
+
+@pytest.mark.parametrize("how", ["client-reset-tls", "server-close"])
+def test_a_request_whose_connection_ends_while_it_waits_is_logged_once(
+    loop_kind, how, tls_files, monkeypatch, caplog
+):
+    """A whole request that waits for its turn and whose connection ends first
+    (a TLS client that resets it, which relay sees while reading is paused;
+    relay closed without a drain) is logged once, with its method, path and
+    ending, and counted in the endings, as it would be had it started: relay
+    read it, so it does not vanish from the access log."""
+    caplog.set_level(logging.INFO, logger="relay.access")
+    cert, client_context = tls_files
+    tls = how == "client-reset-tls"
+    limits: dict[str, Any] = {"tls_cert": cert} if tls else {}
+    context = client_context if tls else None
+    ending = "client_gone" if tls else "drain"
+
+    async def main() -> None:
+        fds = _open_sockets()
+        async with relay_and_upstream(**limits) as (upstream, relay):
+            pacer = relay.state.head_pacer
+            pacer.budget = 0.0
+            monkeypatch.setattr(pacer, "_turn", lambda: None)  # their turn never comes
+            socks = [await raw_client(relay, context) for _ in range(3)]
+            await until(lambda: len(relay.state.connections) == len(socks))
+            for index, sock in enumerate(socks):
+                sock.send(get(f"/waits/{index}"))
+            await until(lambda: len(pacer) == len(socks))
+            if tls:
+                for sock in socks:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    sock.close()  # a reset
+            else:
+                await relay.close()
+            await until(lambda: not relay.state.connections)
+            assert len(pacer) == 0
+            lines = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
+            assert len(lines) == len(socks), lines
+            for index in range(len(socks)):
+                (line,) = [line for line in lines if f"path=/waits/{index} " in line]
+                assert "method=GET" in line and f"ending={ending}" in line, line
+            assert dict(relay.metrics.endings) == {(ending, "false"): len(socks)}
+            assert upstream.served == []
+            for sock in socks:
+                sock.close()
+        await until(lambda: _open_sockets() <= fds)
+
+    run(loop_kind, main, limit=30)
+
+
+def test_pipelined_requests_relay_answers_itself_start_one_after_another_not_nested(
+    loop_kind, caplog
+):
+    """Requests relay answers at once, without an upstream (the test stream's
+    model list), pipelined by the hundred in one write, are all answered in
+    order: each answer's end starts the next request from a later loop turn
+    (within the pacer's budget), not from inside the one that just ended, so
+    the starts do not nest a Python frame deeper per request until the
+    recursion limit cuts the connection, and they take their share of a turn
+    like any new request."""
+    caplog.set_level(logging.INFO, logger="relay.access")
+    count = 400
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        async with relay_and_upstream(test_stream="/t") as (upstream, relay):
+            sock = await raw_client(relay)
+            sock.setblocking(True)
+            sock.sendall(get("/t/v1/models") * count)
+            sock.setblocking(False)
+            answers = await read_until(sock, lambda d: d.count(b"relay-test-stream") == count)
+            assert answers.count(b"HTTP/1.1 200") == count, (answers.count(b"HTTP/1.1 200"), errors)
+            sock.close()
+            await until(lambda: not relay.state.connections)
+            assert relay.metrics.active_exchanges == 0
+            assert len(relay.state.head_pacer) == 0
+            assert upstream.served == []
+        lines = [r for r in caplog.records if r.name == "relay.access"]
+        assert len(lines) == count
+        assert not errors, errors
+
+    run(loop_kind, main, limit=60)
