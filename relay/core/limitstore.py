@@ -384,7 +384,9 @@ class LimitStore:
         self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
         self._pipelines = 0
         self._runner: asyncio.Task[None] | None = None  # sends what is queued
-        self._closing = False
+        self._closing = False  # close() runs: releases are not parked
+        self._closed = False  # close() is done: nothing is sent any more
+        self._changed: asyncio.Future[None] | None = None  # close() waits on it
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._went_away: asyncio.Event | None = None  # wakes the keeper to ping
@@ -428,21 +430,51 @@ class LimitStore:
         self._idle.append(conn)
 
     async def close(self) -> None:
-        """Stop renewing; let releases finish (bounded); close the connections."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-        self._unpark()  # parked releases go now, with what is queued
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.timeout)
+        """Stop renewing; send what is parked, queued or in flight, and the releases of
+        exchanges cut just before (all within one timeout); close the connections.
+        Nothing is parked, queued or started after it."""
+        loop = asyncio.get_running_loop()
+        keeper = self._keeper
+        if keeper is not None:
+            keeper.cancel()
+        # From now on a release goes at once (no lingering); the exchanges cut just
+        # before this still give theirs back as their tasks end.
         self._closing = True
-        for task in list(self._tasks):
+        deadline = loop.time() + self.timeout
+        while self._parked or self._queue or self._pipelines or self._tasks:
+            self._unpark()
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            # Woken when a pipeline or a task ends (a task's end is seen here only
+            # a turn after its last line ran).
+            changed = self._changed = loop.create_future()
+            await asyncio.wait(
+                [changed, *self._tasks], timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+        self._closed = True
+        self._changed = None
+        if self._park_handle is not None:
+            self._park_handle.cancel()
+            self._park_handle = None
+        tasks = [*self._tasks, *([keeper] if keeper is not None else [])]
+        for task in tasks:
             task.cancel()
+        if tasks:
+            # Each cancelled task closes its connection (bounded by the timeout).
+            await asyncio.wait(tasks, timeout=self.timeout)
         for conn in self._idle:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose(close_connection_pool=True)
+
+    def _progress(self) -> None:
+        """A pipeline or the runner ended: wake :meth:`close` to look again."""
+        changed = self._changed
+        if changed is not None and not changed.done():
+            changed.set_result(None)
 
     def names(self, owner: str | None, upstream: str | None) -> list[str]:
         """The three keys of a script run for ``owner`` and ``upstream`` (built once)."""
@@ -525,6 +557,8 @@ class LimitStore:
 
     def _spawn(self, keys: list[str], args: list[object], upstream: str | None) -> None:
         call = _Call(RELEASE_CALL, keys, args, None, upstream)
+        if self._closed:
+            return  # after close: its lease runs out by itself
         if not self.up or len(self._queue) + len(self._parked) >= MAX_QUEUED:
             if not self.up:
                 self._unsent.append(call)  # sent when the store is back
@@ -533,8 +567,9 @@ class LimitStore:
                 self._wake(upstream)
             return
         self._parked.append(call)
-        if upstream is not None and upstream in self._slot_freed:
-            # A request of this process waits for this slot: no lingering.
+        if self._closing or (upstream is not None and upstream in self._slot_freed):
+            # A request of this process waits for this slot, or the store is being
+            # closed: no lingering.
             self._unpark()
         elif self._park_handle is None:
             loop = asyncio.get_running_loop()
@@ -607,7 +642,7 @@ class LimitStore:
         self._start_runner()
 
     def _start_runner(self) -> None:
-        if self._runner is None:
+        if self._runner is None and not self._closed:
             # It starts at the next turn of the loop: every call made in this
             # one goes in its first pipeline.
             task = self._runner = asyncio.get_running_loop().create_task(self._drain())
@@ -625,6 +660,7 @@ class LimitStore:
                     await self._send(batch)
         finally:
             self._runner = None
+            self._progress()
 
     def _next_batch(self) -> list[_Call]:
         """The next pipeline's calls, parked releases first; none if the store is away."""
@@ -693,7 +729,7 @@ class LimitStore:
                     for i, reply in zip(again, redone, strict=True):
                         replies[i] = reply
         except asyncio.CancelledError:
-            if not self._closing:
+            if not self._closed:
                 # The acquire's task was cancelled (its client left): the releases
                 # that rode with it go in the next pipeline (again, if they ran).
                 self._queue.extend(call for call in batch if call.future is None)
@@ -709,6 +745,7 @@ class LimitStore:
             if self._queue and self._runner is None:
                 # Calls queued while this one was out go next (cancelled too).
                 self._start_runner()
+            self._progress()
         failed = None
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception) and failed is None:

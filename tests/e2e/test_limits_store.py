@@ -4,6 +4,7 @@ with SIGKILL, through a store killed and restarted, and at start with a bad stor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -687,3 +688,92 @@ def test_workers_without_a_store_say_that_limits_are_per_worker(sglang, tmp_path
         assert relay.count(r"limits are per worker") == 1
     finally:
         relay.stop()
+
+
+# -- the store's own link, driven directly -----------------------------------------------
+
+
+class _Gate:
+    """An upstream's --max-inflight gate as a lease sees it."""
+
+    def __init__(self, address: str, limit: int, timeout: float) -> None:
+        self.address = address
+        self.limit = limit
+        self.timeout = timeout
+
+
+def _store(redis: RedisServer, **settings: Any) -> Any:
+    from relay.config import Config, parse_listen, parse_upstream
+    from relay.core.limitstore import LimitStore
+    from relay.core.metrics import Metrics
+
+    config = Config(
+        listen=parse_listen("127.0.0.1:0"),
+        upstream=parse_upstream("127.0.0.1:9"),
+        limits_store=store_of(redis),
+        **settings,
+    )
+    return LimitStore(config, Metrics())
+
+
+def _members(redis: RedisServer, key: str) -> bytes:
+    return redis.command("ZRANGE", key, "0", "-1")
+
+
+def _run(loop_kind: str, main: Any) -> Any:
+    from relay.core.server import loop_factory
+
+    with asyncio.Runner(loop_factory=loop_factory(loop_kind)) as runner:
+        return runner.run(main)
+
+
+KEY_SET = "relay:{relay}:key:team:leases"
+UP_SET = "relay:{relay}:up:up:leases"
+
+
+def test_close_sends_the_releases_of_exchanges_cut_just_before_and_starts_nothing_after(
+    redis_server, loop_kind
+):
+    """A stream's release parked, and a request's acquire carrying it out to a stopped
+    store (SIGSTOP) when the relay closes and cuts that request: close waits (within the
+    store timeout) for the release and the cut request's give-back, which reach the
+    store once it runs again, and leaves no task, timer or lease behind."""
+    from relay.http.limits import KeyLimits
+
+    assert redis_server.process is not None
+    limits = KeyLimits(5, 0, 0)
+    gate = _Gate("up", 10, 5.0)
+
+    async def main() -> None:
+        store = _store(redis_server, limits_store_timeout=3.0, limits_store_lease=30.0)
+        store.start()
+        stream = store.lease("team", "key:team", limits)
+        assert await stream.enter(gate) is None
+        assert store.live
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            stream.release(0)  # parked, to ride with the next acquire
+            cut = store.lease("team", "key:team", limits)
+            request = asyncio.create_task(cut.enter(gate))
+            for _ in range(100):
+                if store._pipelines:  # written to the stopped store
+                    break
+                await asyncio.sleep(0.01)
+            assert store._pipelines == 1 and not store._parked
+            request.cancel()  # the relay closes: its exchanges are cut first
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, redis_server.process.send_signal, signal.SIGCONT)
+            started = time.monotonic()
+            await store.close()
+            assert time.monotonic() - started < 3.0 + 1.0
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        assert request.cancelled()
+        assert store.quiet() and store._park_handle is None
+        await asyncio.sleep(0.1)  # nothing starts after close
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert others == [] and store._runner is None and store._park_handle is None
+
+    _run(loop_kind, main())
+    assert _members(redis_server, KEY_SET) == b"*0\r\n"
+    assert _members(redis_server, UP_SET) == b"*0\r\n"
