@@ -55,6 +55,7 @@ from ..http.sharedlimits import (
     RELEASE,
     RENEW,
     bucket_key,
+    debited_key,
     leases_key,
     marker_key,
     read_answer,
@@ -545,7 +546,13 @@ class LimitStore:
         if not lease.sets() and not (tpm and tokens):
             return
         keys = self.names(lease.owner, lease.upstream)
-        self._spawn(keys, [lease.id, tokens, tpm], lease.upstream)
+        args: list[object] = [lease.id, tokens, tpm]
+        if tpm and tokens:
+            # Debited once, even when the release runs again (its answer was lost):
+            # the marker outlives a store away for up to two lease times.
+            keys = [*keys, debited_key(lease.id)]
+            args.append(2 * self.lease_ms)
+        self._spawn(keys, args, lease.upstream)
         lease.upstream = None
 
     def release_upstream(self, lease: SharedLease) -> None:
@@ -738,7 +745,7 @@ class LimitStore:
             self._failed(exc)
             replies = [StoreFault()] * len(batch)
             # Whether they ran is unknown: releases go again once the store is back
-            # (giving a lease back twice is harmless; tokens may be debited twice).
+            # (giving a lease back twice is harmless; tokens are debited once).
             self._unsent.extend(call for call in batch if call.future is None)
         finally:
             self._pipelines -= 1

@@ -777,3 +777,53 @@ def test_close_sends_the_releases_of_exchanges_cut_just_before_and_starts_nothin
     _run(loop_kind, main())
     assert _members(redis_server, KEY_SET) == b"*0\r\n"
     assert _members(redis_server, UP_SET) == b"*0\r\n"
+
+
+def test_a_release_sent_again_after_its_pipeline_was_cut_debits_its_tokens_once(
+    redis_server, loop_kind
+):
+    """tpm=6000: a stream's release of 1000 tokens rides in a request's acquire to a
+    stopped store (SIGSTOP); the request's client leaves, so the release is sent again
+    in the next pipeline. Once the store runs, it has run twice: the leases are back
+    and the key's bucket is debited 1000 tokens, not 2000."""
+    from relay.http.limits import KeyLimits
+
+    assert redis_server.process is not None
+    limits = KeyLimits(5, 0, 6000)
+    gate = _Gate("up", 10, 5.0)
+
+    async def main() -> None:
+        store = _store(redis_server, limits_store_timeout=3.0, limits_store_lease=30.0)
+        store.start()
+        stream = store.lease("team", "key:team", limits)
+        assert await stream.enter(gate) is None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            stream.release(1000)  # parked, to ride with the next acquire
+            left = store.lease("team", "key:team", limits)
+            request = asyncio.create_task(left.enter(gate))
+            for _ in range(100):
+                if store._pipelines:  # written to the stopped store
+                    break
+                await asyncio.sleep(0.01)
+            assert store._pipelines == 1 and not store._parked
+            request.cancel()  # its client left
+            for _ in range(100):
+                if store._pipelines:  # the release again, and the give-back
+                    break
+                await asyncio.sleep(0.01)
+            assert store._pipelines == 1
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        for _ in range(300):
+            if store.quiet() and not store._pipelines:
+                break
+            await asyncio.sleep(0.01)
+        assert store.quiet() and store.up
+        await store.close()
+
+    _run(loop_kind, main())
+    assert _members(redis_server, KEY_SET) == b"*0\r\n"
+    assert _members(redis_server, UP_SET) == b"*0\r\n"
+    level = float(redis_server.command("HGET", "relay:{relay}:key:team:bucket", "t").split()[1])
+    assert 4500 < level <= 6000, level
