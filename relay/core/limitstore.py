@@ -680,7 +680,11 @@ class LimitStore:
         now = asyncio.get_running_loop().time()
         late = False  # an acquire was not sent within a timeout
         batch = self._take_parked(MAX_BATCH // 2) if self._parked else []
-        while queue and len(batch) < MAX_BATCH:
+        # Releases go before acquires: an acquire finds the slots they free (a
+        # waiter of this process whose acquire went first would be answered
+        # "full", and the release's wake-up would come before it waits again).
+        acquires: list[_Call] = []
+        while queue and len(batch) + len(acquires) < MAX_BATCH:
             call = queue.popleft()
             future = call.future
             if future is None:
@@ -691,7 +695,8 @@ class LimitStore:
                 late = True
                 future.set_exception(StoreFault())
             else:
-                batch.append(call)
+                acquires.append(call)
+        batch += acquires
         if late:  # not sent within a timeout: the store is slow, so away
             self._failed(TimeoutError())
             for call in batch:

@@ -827,3 +827,50 @@ def test_a_release_sent_again_after_its_pipeline_was_cut_debits_its_tokens_once(
     assert _members(redis_server, UP_SET) == b"*0\r\n"
     level = float(redis_server.command("HGET", "relay:{relay}:key:team:bucket", "t").split()[1])
     assert 4500 < level <= 6000, level
+
+
+def test_a_waiter_asking_in_the_same_pipeline_as_a_release_of_its_slot_gets_it_at_once(
+    redis_server, loop_kind
+):
+    """--max-inflight 1 shared: a request of this process waits for the upstream's one
+    slot, held by a stream of the same process. Its next ask is queued behind a
+    pipeline held up by a stopped store (SIGSTOP), and the stream's release is queued
+    after it; once the store runs, the release goes first in their pipeline and the
+    waiter is admitted at once, not after its back-off (up to 400 ms)."""
+    assert redis_server.process is not None
+    gate = _Gate("up", 1, 10.0)
+
+    async def main() -> float:
+        store = _store(redis_server, limits_store_timeout=3.0, limits_store_lease=30.0)
+        store.start()
+        stream = store.lease("anonymous", None, None)
+        assert await stream.enter(gate) is None
+        waiter = store.lease("anonymous", None, None)
+        waiting = asyncio.create_task(waiter.enter(gate))
+        await asyncio.sleep(0.5)  # its back-off has grown past 200 ms
+        assert not waiting.done()
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            elsewhere = store.lease("anonymous", None, None)
+            held_up = asyncio.create_task(elsewhere.enter(_Gate("other", 5, 10.0)))
+            for _ in range(100):
+                if store._queue:  # the waiter's next ask, behind the held-up one
+                    break
+                await asyncio.sleep(0.01)
+            assert len(store._queue) == 1 and store._pipelines == 1
+            stream.release(0)  # a waiter waits for its slot: queued, not parked
+            assert len(store._queue) == 2
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        assert await asyncio.wait_for(waiting, 5.0) is None
+        waited = time.monotonic() - resumed
+        assert await held_up is None
+        waiter.release(0)
+        elsewhere.release(0)
+        await store.close()
+        return waited
+
+    waited = _run(loop_kind, main())
+    assert waited < 0.15, waited
+    assert _members(redis_server, UP_SET) == b"*0\r\n"
