@@ -375,7 +375,11 @@ class LimitStore:
         self._client: Any = None
         self._renew: Any = None
         self._shas: tuple[str, str] = ("", "")  # ACQUIRE's and RELEASE's
+        # Acquires waiting to be sent, and releases: a pipeline takes the acquires
+        # first (a backlog of releases, sent when the store is back, never holds
+        # an acquire up for more than a pipeline).
         self._queue: deque[_Call] = deque()
+        self._releases: deque[_Call] = deque()
         self._unsent: deque[_Call] = deque(maxlen=MAX_UNSENT)
         # Releases waiting (at most RELEASE_LINGER) to ride with an acquire.
         self._parked: list[_Call] = []
@@ -442,7 +446,7 @@ class LimitStore:
         # before this still give theirs back as their tasks end.
         self._closing = True
         deadline = loop.time() + self.timeout
-        while self._parked or self._queue or self._pipelines or self._tasks:
+        while self._parked or self._releases or self._queue or self._pipelines or self._tasks:
             self._unpark()
             left = deadline - loop.time()
             if left <= 0:
@@ -492,7 +496,7 @@ class LimitStore:
 
     def quiet(self) -> bool:
         """Nothing parked, queued or in flight (for tests)."""
-        return not (self._parked or self._queue or self._tasks)
+        return not (self._parked or self._releases or self._queue or self._tasks)
 
     def lease(self, label: str, owner: str | None, limits: KeyLimits | None) -> SharedLease:
         """A new exchange's (empty) lease; ``owner`` None when no key limit applies."""
@@ -566,7 +570,7 @@ class LimitStore:
         call = _Call(RELEASE_CALL, keys, args, None, upstream)
         if self._closed:
             return  # after close: its lease runs out by itself
-        if not self.up or len(self._queue) + len(self._parked) >= MAX_QUEUED:
+        if not self.up or len(self._releases) + len(self._parked) >= MAX_QUEUED:
             if not self.up:
                 self._unsent.append(call)  # sent when the store is back
             # else dropped: the lease runs out by itself within --limits-store-lease.
@@ -588,7 +592,7 @@ class LimitStore:
             self._park_handle.cancel()
             self._park_handle = None
         if self._parked:
-            self._queue.extend(self._parked)
+            self._releases.extend(self._parked)
             self._parked.clear()
             self._start_runner()
 
@@ -615,8 +619,10 @@ class LimitStore:
     def _resend(self) -> None:
         """The store is back: send the releases it missed while it was away."""
         unsent = self._unsent
-        while unsent and len(self._queue) < MAX_QUEUED:
-            self._submit(unsent.popleft())
+        releases = self._releases
+        while unsent and len(releases) < MAX_QUEUED:
+            releases.append(unsent.popleft())
+        self._start_runner()
 
     async def ask(self, keys: list[str], args: list[object]) -> Any:
         """Run the acquire script (batched with others); :class:`StoreFault` if it fails."""
@@ -625,7 +631,7 @@ class LimitStore:
             raise StoreFault
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         call = _Call(ACQUIRE_CALL, keys, args, future, None)
-        if not self._pipelines and not self._queue:
+        if not self._pipelines and not self._queue and not self._releases:
             # Nothing else waits to be sent or for a reply: send it from this task
             # at once, rather than a turn of the loop later (under load calls made
             # meanwhile share the next pipeline: one write and one read for all
@@ -641,12 +647,9 @@ class LimitStore:
         # pipeline is free, at most one timeout later, with no timer per call),
         # and the pipeline's own timeout once sent.
         call.due = asyncio.get_running_loop().time() + self.timeout
-        self._submit(call)
-        return await future  # its result, or StoreFault
-
-    def _submit(self, call: _Call) -> None:
         self._queue.append(call)
         self._start_runner()
+        return await future  # its result, or StoreFault
 
     def _start_runner(self) -> None:
         if self._runner is None and not self._closed:
@@ -660,7 +663,7 @@ class LimitStore:
         """Send what is queued, one pipeline after another (the calls made while one
         is out go in the next), until nothing is; no turn of the loop between them."""
         try:
-            while self._queue and self._pipelines < MAX_PIPELINES:
+            while (self._queue or self._releases) and self._pipelines < MAX_PIPELINES:
                 batch = self._next_batch()
                 if batch:
                     self._pipelines += 1
@@ -672,30 +675,38 @@ class LimitStore:
     def _next_batch(self) -> list[_Call]:
         """The next pipeline's calls, parked releases first; none if the store is away."""
         queue = self._queue
+        releases = self._releases
         if not self.up:
             # Found away meanwhile: nobody waits on it; releases go when it is back.
             while queue:
                 self._give_up(queue.popleft())
+            while releases:
+                self._give_up(releases.popleft())
             return []
         now = asyncio.get_running_loop().time()
         late = False  # an acquire was not sent within a timeout
-        batch = self._take_parked(MAX_BATCH // 2) if self._parked else []
-        # Releases go before acquires: an acquire finds the slots they free (a
-        # waiter of this process whose acquire went first would be answered
-        # "full", and the release's wake-up would come before it waits again).
+        # Acquires first, leaving half the batch to releases when some wait.
+        room = MAX_BATCH - min(MAX_BATCH // 2, len(self._parked) + len(releases))
         acquires: list[_Call] = []
-        while queue and len(batch) + len(acquires) < MAX_BATCH:
+        while queue and len(acquires) < room:
             call = queue.popleft()
             future = call.future
-            if future is None:
-                batch.append(call)
-            elif future.done():
+            assert future is not None
+            if future.done():
                 pass  # given up on (its client left)
             elif call.due < now:
                 late = True
                 future.set_exception(StoreFault())
             else:
                 acquires.append(call)
+        # Releases go before acquires in the pipeline: an acquire finds the slots
+        # they free (a waiter of this process whose acquire went first would be
+        # answered "full", and the release's wake-up would come before it waits
+        # again).
+        room = MAX_BATCH - len(acquires)
+        batch = self._take_parked(room) if self._parked else []
+        while releases and len(batch) < room:
+            batch.append(releases.popleft())
         batch += acquires
         if late:  # not sent within a timeout: the store is slow, so away
             self._failed(TimeoutError())
@@ -703,6 +714,8 @@ class LimitStore:
                 self._give_up(call)
             while queue:
                 self._give_up(queue.popleft())
+            while releases:
+                self._give_up(releases.popleft())
             return []
         return batch
 
@@ -744,7 +757,7 @@ class LimitStore:
             if not self._closed:
                 # The acquire's task was cancelled (its client left): the releases
                 # that rode with it go in the next pipeline (again, if they ran).
-                self._queue.extend(call for call in batch if call.future is None)
+                self._releases.extend(call for call in batch if call.future is None)
             raise
         except Exception as exc:
             self._failed(exc)
@@ -754,7 +767,7 @@ class LimitStore:
             self._unsent.extend(call for call in batch if call.future is None)
         finally:
             self._pipelines -= 1
-            if self._queue and self._runner is None:
+            if (self._queue or self._releases) and self._runner is None:
                 # Calls queued while this one was out go next (cancelled too).
                 self._start_runner()
             self._progress()
