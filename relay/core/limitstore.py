@@ -304,13 +304,13 @@ class SharedLease:
                 except asyncio.CancelledError:
                     # The client left while the store was asked: what it may have
                     # taken goes back now, not when the lease runs out.
-                    store.give_back(keys, self.id)
+                    store.give_back(keys, self.id, upstream)
                     raise
                 except StoreFault:
                     if not store.fail_open:
                         # Refused below, so nothing will release what the store
                         # may have taken before its answer was lost.
-                        store.forget(keys, self.id)
+                        store.forget(keys, self.id, upstream)
                     continue  # the store is away now: decided below
                 if not answer.limit:
                     self._took(upstream, confirmed=True)
@@ -606,15 +606,16 @@ class LimitStore:
             self._park_handle = None
         return taken
 
-    def give_back(self, keys: list[str], lease_id: str) -> None:
+    def give_back(self, keys: list[str], lease_id: str, upstream: str | None) -> None:
         """An acquire given up on while it may have been sent: release what it took
-        (nothing, if it never ran), in a later pipeline than its own."""
-        self._spawn(keys, [lease_id, 0, 0], None)
+        (nothing, if it never ran), in a later pipeline than its own. It may free a
+        slot of ``upstream``: a waiter of this process for one asks again."""
+        self._spawn(keys, [lease_id, 0, 0], upstream)
 
-    def forget(self, keys: list[str], lease_id: str) -> None:
+    def forget(self, keys: list[str], lease_id: str, upstream: str | None) -> None:
         """An acquire whose answer never came, for a request that goes no further:
         the store may have taken its leases; give them back once it answers."""
-        self._unsent.append(_Call(RELEASE_CALL, keys, [lease_id, 0, 0], None, None))
+        self._unsent.append(_Call(RELEASE_CALL, keys, [lease_id, 0, 0], None, upstream))
 
     def _resend(self) -> None:
         """The store is back: send the releases it missed while it was away."""

@@ -929,3 +929,47 @@ def test_acquires_go_ahead_of_a_backlog_of_releases_sent_when_the_store_is_back(
     finally:
         link.close()
     assert redis_server.command("ZCARD", KEY_SET) == b":50\r\n"
+
+
+def test_an_acquire_given_back_after_its_client_left_wakes_a_waiter_for_that_upstream(
+    redis_server, loop_kind
+):
+    """A request of this process waits for a slot of an upstream; another request's
+    acquire for it goes out to a stopped store (SIGSTOP) and its client leaves. Once
+    the store runs, the acquire's give-back goes without lingering and wakes the
+    waiter (which asks again) at once, not after its back-off."""
+    assert redis_server.process is not None
+    gate = _Gate("up", 1, 10.0)
+
+    async def main() -> float:
+        store = _store(redis_server, limits_store_timeout=3.0, limits_store_lease=30.0)
+        store.start()
+        waiter = asyncio.create_task(store.wait_for_slot("up", 5.0))
+        await asyncio.sleep(0)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            left = store.lease("anonymous", None, None)
+            request = asyncio.create_task(left.enter(gate))
+            for _ in range(100):
+                if store._pipelines:  # written to the stopped store
+                    break
+                await asyncio.sleep(0.01)
+            assert store._pipelines == 1
+            request.cancel()  # its client left
+            await asyncio.wait([request])
+            assert not store._parked  # a waiter waits for that upstream: no lingering
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        await asyncio.wait_for(waiter, 6.0)
+        woken = time.monotonic() - resumed
+        for _ in range(300):
+            if store.quiet() and not store._pipelines:
+                break
+            await asyncio.sleep(0.01)
+        await store.close()
+        return woken
+
+    woken = _run(loop_kind, main())
+    assert woken < 1.0, woken
+    assert _members(redis_server, UP_SET) == b"*0\r\n"
