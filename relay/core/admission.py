@@ -274,6 +274,7 @@ class Ticket:
                 self._gate = gate
         if self._shared is not None:
             # The local slot first (the fair queue is this process's), then the store's.
+            first = not self._shared.key_held  # its key's request not yet taken there
             self._waiting = True
             try:
                 error = await self._shared.enter(gate)
@@ -281,8 +282,9 @@ class Ticket:
                 self._waiting = False
             if error is not None:
                 # The store took nothing for a request it refused: neither does
-                # this process's own RPM bucket, so both agree on what is left.
-                if self.budget is not None:
+                # this process's own RPM bucket, so both agree on what is left. A
+                # retry elsewhere refused went out before: the store kept its request.
+                if first and self.budget is not None:
                     self.budget.refused(time.monotonic())
                 if error.code == "unavailable":
                     self._result("store_unavailable")

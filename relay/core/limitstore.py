@@ -55,6 +55,7 @@ from ..http.sharedlimits import (
     RELEASE,
     RENEW,
     bucket_key,
+    debited_key,
     leases_key,
     marker_key,
     read_answer,
@@ -303,13 +304,13 @@ class SharedLease:
                 except asyncio.CancelledError:
                     # The client left while the store was asked: what it may have
                     # taken goes back now, not when the lease runs out.
-                    store.give_back(keys, self.id)
+                    store.give_back(keys, self.id, upstream)
                     raise
                 except StoreFault:
                     if not store.fail_open:
                         # Refused below, so nothing will release what the store
                         # may have taken before its answer was lost.
-                        store.forget(keys, self.id)
+                        store.forget(keys, self.id, upstream)
                     continue  # the store is away now: decided below
                 if not answer.limit:
                     self._took(upstream, confirmed=True)
@@ -374,7 +375,11 @@ class LimitStore:
         self._client: Any = None
         self._renew: Any = None
         self._shas: tuple[str, str] = ("", "")  # ACQUIRE's and RELEASE's
+        # Acquires waiting to be sent, and releases: a pipeline takes the acquires
+        # first (a backlog of releases, sent when the store is back, never holds
+        # an acquire up for more than a pipeline).
         self._queue: deque[_Call] = deque()
+        self._releases: deque[_Call] = deque()
         self._unsent: deque[_Call] = deque(maxlen=MAX_UNSENT)
         # Releases waiting (at most RELEASE_LINGER) to ride with an acquire.
         self._parked: list[_Call] = []
@@ -384,7 +389,9 @@ class LimitStore:
         self._idle: list[Any] = []  # the pipelines' connections, at most MAX_PIPELINES
         self._pipelines = 0
         self._runner: asyncio.Task[None] | None = None  # sends what is queued
-        self._closing = False
+        self._closing = False  # close() runs: releases are not parked
+        self._closed = False  # close() is done: nothing is sent any more
+        self._changed: asyncio.Future[None] | None = None  # close() waits on it
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._went_away: asyncio.Event | None = None  # wakes the keeper to ping
@@ -428,21 +435,51 @@ class LimitStore:
         self._idle.append(conn)
 
     async def close(self) -> None:
-        """Stop renewing; let releases finish (bounded); close the connections."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-        self._unpark()  # parked releases go now, with what is queued
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.timeout)
+        """Stop renewing; send what is parked, queued or in flight, and the releases of
+        exchanges cut just before (all within one timeout); close the connections.
+        Nothing is parked, queued or started after it."""
+        loop = asyncio.get_running_loop()
+        keeper = self._keeper
+        if keeper is not None:
+            keeper.cancel()
+        # From now on a release goes at once (no lingering); the exchanges cut just
+        # before this still give theirs back as their tasks end.
         self._closing = True
-        for task in list(self._tasks):
+        deadline = loop.time() + self.timeout
+        while self._parked or self._releases or self._queue or self._pipelines or self._tasks:
+            self._unpark()
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            # Woken when a pipeline or a task ends (a task's end is seen here only
+            # a turn after its last line ran).
+            changed = self._changed = loop.create_future()
+            await asyncio.wait(
+                [changed, *self._tasks], timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+        self._closed = True
+        self._changed = None
+        if self._park_handle is not None:
+            self._park_handle.cancel()
+            self._park_handle = None
+        tasks = [*self._tasks, *([keeper] if keeper is not None else [])]
+        for task in tasks:
             task.cancel()
+        if tasks:
+            # Each cancelled task closes its connection (bounded by the timeout).
+            await asyncio.wait(tasks, timeout=self.timeout)
         for conn in self._idle:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose(close_connection_pool=True)
+
+    def _progress(self) -> None:
+        """A pipeline or the runner ended: wake :meth:`close` to look again."""
+        changed = self._changed
+        if changed is not None and not changed.done():
+            changed.set_result(None)
 
     def names(self, owner: str | None, upstream: str | None) -> list[str]:
         """The three keys of a script run for ``owner`` and ``upstream`` (built once)."""
@@ -459,7 +496,7 @@ class LimitStore:
 
     def quiet(self) -> bool:
         """Nothing parked, queued or in flight (for tests)."""
-        return not (self._parked or self._queue or self._tasks)
+        return not (self._parked or self._releases or self._queue or self._tasks)
 
     def lease(self, label: str, owner: str | None, limits: KeyLimits | None) -> SharedLease:
         """A new exchange's (empty) lease; ``owner`` None when no key limit applies."""
@@ -513,7 +550,13 @@ class LimitStore:
         if not lease.sets() and not (tpm and tokens):
             return
         keys = self.names(lease.owner, lease.upstream)
-        self._spawn(keys, [lease.id, tokens, tpm], lease.upstream)
+        args: list[object] = [lease.id, tokens, tpm]
+        if tpm and tokens:
+            # Debited once, even when the release runs again (its answer was lost):
+            # the marker outlives a store away for up to two lease times.
+            keys = [*keys, debited_key(lease.id)]
+            args.append(2 * self.lease_ms)
+        self._spawn(keys, args, lease.upstream)
         lease.upstream = None
 
     def release_upstream(self, lease: SharedLease) -> None:
@@ -525,7 +568,9 @@ class LimitStore:
 
     def _spawn(self, keys: list[str], args: list[object], upstream: str | None) -> None:
         call = _Call(RELEASE_CALL, keys, args, None, upstream)
-        if not self.up or len(self._queue) + len(self._parked) >= MAX_QUEUED:
+        if self._closed:
+            return  # after close: its lease runs out by itself
+        if not self.up or len(self._releases) + len(self._parked) >= MAX_QUEUED:
             if not self.up:
                 self._unsent.append(call)  # sent when the store is back
             # else dropped: the lease runs out by itself within --limits-store-lease.
@@ -533,8 +578,9 @@ class LimitStore:
                 self._wake(upstream)
             return
         self._parked.append(call)
-        if upstream is not None and upstream in self._slot_freed:
-            # A request of this process waits for this slot: no lingering.
+        if self._closing or (upstream is not None and upstream in self._slot_freed):
+            # A request of this process waits for this slot, or the store is being
+            # closed: no lingering.
             self._unpark()
         elif self._park_handle is None:
             loop = asyncio.get_running_loop()
@@ -546,7 +592,7 @@ class LimitStore:
             self._park_handle.cancel()
             self._park_handle = None
         if self._parked:
-            self._queue.extend(self._parked)
+            self._releases.extend(self._parked)
             self._parked.clear()
             self._start_runner()
 
@@ -560,21 +606,24 @@ class LimitStore:
             self._park_handle = None
         return taken
 
-    def give_back(self, keys: list[str], lease_id: str) -> None:
+    def give_back(self, keys: list[str], lease_id: str, upstream: str | None) -> None:
         """An acquire given up on while it may have been sent: release what it took
-        (nothing, if it never ran), in a later pipeline than its own."""
-        self._spawn(keys, [lease_id, 0, 0], None)
+        (nothing, if it never ran), in a later pipeline than its own. It may free a
+        slot of ``upstream``: a waiter of this process for one asks again."""
+        self._spawn(keys, [lease_id, 0, 0], upstream)
 
-    def forget(self, keys: list[str], lease_id: str) -> None:
+    def forget(self, keys: list[str], lease_id: str, upstream: str | None) -> None:
         """An acquire whose answer never came, for a request that goes no further:
         the store may have taken its leases; give them back once it answers."""
-        self._unsent.append(_Call(RELEASE_CALL, keys, [lease_id, 0, 0], None, None))
+        self._unsent.append(_Call(RELEASE_CALL, keys, [lease_id, 0, 0], None, upstream))
 
     def _resend(self) -> None:
         """The store is back: send the releases it missed while it was away."""
         unsent = self._unsent
-        while unsent and len(self._queue) < MAX_QUEUED:
-            self._submit(unsent.popleft())
+        releases = self._releases
+        while unsent and len(releases) < MAX_QUEUED:
+            releases.append(unsent.popleft())
+        self._start_runner()
 
     async def ask(self, keys: list[str], args: list[object]) -> Any:
         """Run the acquire script (batched with others); :class:`StoreFault` if it fails."""
@@ -583,7 +632,7 @@ class LimitStore:
             raise StoreFault
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         call = _Call(ACQUIRE_CALL, keys, args, future, None)
-        if not self._pipelines and not self._queue:
+        if not self._pipelines and not self._queue and not self._releases:
             # Nothing else waits to be sent or for a reply: send it from this task
             # at once, rather than a turn of the loop later (under load calls made
             # meanwhile share the next pipeline: one write and one read for all
@@ -599,15 +648,12 @@ class LimitStore:
         # pipeline is free, at most one timeout later, with no timer per call),
         # and the pipeline's own timeout once sent.
         call.due = asyncio.get_running_loop().time() + self.timeout
-        self._submit(call)
-        return await future  # its result, or StoreFault
-
-    def _submit(self, call: _Call) -> None:
         self._queue.append(call)
         self._start_runner()
+        return await future  # its result, or StoreFault
 
     def _start_runner(self) -> None:
-        if self._runner is None:
+        if self._runner is None and not self._closed:
             # It starts at the next turn of the loop: every call made in this
             # one goes in its first pipeline.
             task = self._runner = asyncio.get_running_loop().create_task(self._drain())
@@ -618,43 +664,59 @@ class LimitStore:
         """Send what is queued, one pipeline after another (the calls made while one
         is out go in the next), until nothing is; no turn of the loop between them."""
         try:
-            while self._queue and self._pipelines < MAX_PIPELINES:
+            while (self._queue or self._releases) and self._pipelines < MAX_PIPELINES:
                 batch = self._next_batch()
                 if batch:
                     self._pipelines += 1
                     await self._send(batch)
         finally:
             self._runner = None
+            self._progress()
 
     def _next_batch(self) -> list[_Call]:
         """The next pipeline's calls, parked releases first; none if the store is away."""
         queue = self._queue
+        releases = self._releases
         if not self.up:
             # Found away meanwhile: nobody waits on it; releases go when it is back.
             while queue:
                 self._give_up(queue.popleft())
+            while releases:
+                self._give_up(releases.popleft())
             return []
         now = asyncio.get_running_loop().time()
         late = False  # an acquire was not sent within a timeout
-        batch = self._take_parked(MAX_BATCH // 2) if self._parked else []
-        while queue and len(batch) < MAX_BATCH:
+        # Acquires first, leaving half the batch to releases when some wait.
+        room = MAX_BATCH - min(MAX_BATCH // 2, len(self._parked) + len(releases))
+        acquires: list[_Call] = []
+        while queue and len(acquires) < room:
             call = queue.popleft()
             future = call.future
-            if future is None:
-                batch.append(call)
-            elif future.done():
+            assert future is not None
+            if future.done():
                 pass  # given up on (its client left)
             elif call.due < now:
                 late = True
                 future.set_exception(StoreFault())
             else:
-                batch.append(call)
+                acquires.append(call)
+        # Releases go before acquires in the pipeline: an acquire finds the slots
+        # they free (a waiter of this process whose acquire went first would be
+        # answered "full", and the release's wake-up would come before it waits
+        # again).
+        room = MAX_BATCH - len(acquires)
+        batch = self._take_parked(room) if self._parked else []
+        while releases and len(batch) < room:
+            batch.append(releases.popleft())
+        batch += acquires
         if late:  # not sent within a timeout: the store is slow, so away
             self._failed(TimeoutError())
             for call in batch:
                 self._give_up(call)
             while queue:
                 self._give_up(queue.popleft())
+            while releases:
+                self._give_up(releases.popleft())
             return []
         return batch
 
@@ -693,22 +755,23 @@ class LimitStore:
                     for i, reply in zip(again, redone, strict=True):
                         replies[i] = reply
         except asyncio.CancelledError:
-            if not self._closing:
+            if not self._closed:
                 # The acquire's task was cancelled (its client left): the releases
                 # that rode with it go in the next pipeline (again, if they ran).
-                self._queue.extend(call for call in batch if call.future is None)
+                self._releases.extend(call for call in batch if call.future is None)
             raise
         except Exception as exc:
             self._failed(exc)
             replies = [StoreFault()] * len(batch)
             # Whether they ran is unknown: releases go again once the store is back
-            # (giving a lease back twice is harmless; tokens may be debited twice).
+            # (giving a lease back twice is harmless; tokens are debited once).
             self._unsent.extend(call for call in batch if call.future is None)
         finally:
             self._pipelines -= 1
-            if self._queue and self._runner is None:
+            if (self._queue or self._releases) and self._runner is None:
                 # Calls queued while this one was out go next (cancelled too).
                 self._start_runner()
+            self._progress()
         failed = None
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception) and failed is None:

@@ -11,7 +11,9 @@ standalone or Redis Cluster alike:
   above zero, the upstream's in-flight count) and, only if all pass, takes a
   lease in each concurrency set and one request from the RPM bucket.
 * :data:`RELEASE` gives the leases back and debits the tokens the request
-  used (the upstream reports them only at the end).
+  used (the upstream reports them only at the end), at most once per lease:
+  a release sent again (its answer was lost) finds the lease's
+  :func:`debited_key` marker and debits nothing more.
 * :data:`RENEW` pushes the expiry of a process's live leases forward. A
   lease is a member of a sorted set scored by its expiry (milliseconds, the
   store's own clock): every script first drops expired members, so a slot
@@ -39,6 +41,7 @@ __all__ = [
     "RENEW",
     "Answer",
     "bucket_key",
+    "debited_key",
     "leases_key",
     "marker_key",
     "read_answer",
@@ -65,6 +68,11 @@ def leases_key(owner: str) -> str:
 def bucket_key(owner: str) -> str:
     """The hash holding ``owner``'s RPM and TPM bucket levels."""
     return f"{PREFIX}{owner}:bucket"
+
+
+def debited_key(lease: str) -> str:
+    """The key that says lease ``lease``'s tokens were debited (it lives a while)."""
+    return f"{PREFIX}debited:{lease}"
 
 
 def marker_key(process: str) -> str:
@@ -159,15 +167,19 @@ return {0, 0}
 """
 )
 
-#: KEYS: the key's lease set, the key's bucket, the upstream's lease set.
-#: ARGV: lease id, tokens used, tpm (0: no token bucket).
+#: KEYS: the key's lease set, the key's bucket, the upstream's lease set, and
+#: when tokens are debited the lease's :func:`debited_key`.
+#: ARGV: lease id, tokens used, tpm (0: no token bucket), and when tokens are
+#: debited how long the marker lives (ms).
+#: Giving a lease back twice is harmless; the marker makes the debit happen
+#: once, for a release run again within the marker's life.
 RELEASE = (
     _COMMON
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 local tokens, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
-if tpm > 0 and tokens > 0 then
+if tpm > 0 and tokens > 0 and redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[4]) then
   local b = redis.call('HMGET', KEYS[2], 't', 'tt')
   local level = refill(b[1], b[2], tpm) - tokens
   redis.call('HSET', KEYS[2], 't', level, 'tt', now)

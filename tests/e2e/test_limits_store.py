@@ -4,6 +4,7 @@ with SIGKILL, through a store killed and restarted, and at start with a bad stor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -687,3 +688,288 @@ def test_workers_without_a_store_say_that_limits_are_per_worker(sglang, tmp_path
         assert relay.count(r"limits are per worker") == 1
     finally:
         relay.stop()
+
+
+# -- the store's own link, driven directly -----------------------------------------------
+
+
+class _Gate:
+    """An upstream's --max-inflight gate as a lease sees it."""
+
+    def __init__(self, address: str, limit: int, timeout: float) -> None:
+        self.address = address
+        self.limit = limit
+        self.timeout = timeout
+
+
+def _store(redis: RedisServer, port: int | None = None, **settings: Any) -> Any:
+    """A limit store link to ``redis`` (or to a forwarder to it on ``port``)."""
+    from relay.config import Config, parse_listen, parse_upstream
+    from relay.core.limitstore import LimitStore
+    from relay.core.metrics import Metrics
+
+    config = Config(
+        listen=parse_listen("127.0.0.1:0"),
+        upstream=parse_upstream("127.0.0.1:9"),
+        limits_store=StoreAddress("127.0.0.1", port or redis.port),
+        **settings,
+    )
+    return LimitStore(config, Metrics())
+
+
+def _members(redis: RedisServer, key: str) -> bytes:
+    return redis.command("ZRANGE", key, "0", "-1")
+
+
+def _run(loop_kind: str, main: Any) -> Any:
+    from relay.core.server import loop_factory
+
+    with asyncio.Runner(loop_factory=loop_factory(loop_kind)) as runner:
+        return runner.run(main)
+
+
+KEY_SET = "relay:{relay}:key:team:leases"
+UP_SET = "relay:{relay}:up:up:leases"
+
+
+def test_close_sends_the_releases_of_exchanges_cut_just_before_and_starts_nothing_after(
+    redis_server, loop_kind
+):
+    """A stream's release parked, and a request's acquire carrying it out to a stopped
+    store (SIGSTOP) when the relay closes and cuts that request: close waits (within the
+    store timeout) for the release and the cut request's give-back, which reach the
+    store once it runs again, and leaves no task, timer or lease behind."""
+    from relay.http.limits import KeyLimits
+
+    assert redis_server.process is not None
+    limits = KeyLimits(5, 0, 0)
+    gate = _Gate("up", 10, 5.0)
+
+    async def main() -> None:
+        store = _store(redis_server, limits_store_timeout=3.0, limits_store_lease=30.0)
+        store.start()
+        stream = store.lease("team", "key:team", limits)
+        assert await stream.enter(gate) is None
+        assert store.live
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            stream.release(0)  # parked, to ride with the next acquire
+            cut = store.lease("team", "key:team", limits)
+            request = asyncio.create_task(cut.enter(gate))
+            for _ in range(100):
+                if store._pipelines:  # written to the stopped store
+                    break
+                await asyncio.sleep(0.01)
+            assert store._pipelines == 1 and not store._parked
+            request.cancel()  # the relay closes: its exchanges are cut first
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, redis_server.process.send_signal, signal.SIGCONT)
+            started = time.monotonic()
+            await store.close()
+            assert time.monotonic() - started < 3.0 + 1.0
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        assert request.cancelled()
+        assert store.quiet() and store._park_handle is None
+        await asyncio.sleep(0.1)  # nothing starts after close
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert others == [] and store._runner is None and store._park_handle is None
+
+    _run(loop_kind, main())
+    assert _members(redis_server, KEY_SET) == b"*0\r\n"
+    assert _members(redis_server, UP_SET) == b"*0\r\n"
+
+
+def test_a_release_sent_again_after_its_pipeline_was_cut_debits_its_tokens_once(
+    redis_server, loop_kind
+):
+    """tpm=6000: a stream's release of 1000 tokens rides in a request's acquire to a
+    stopped store (SIGSTOP); the request's client leaves, so the release is sent again
+    in the next pipeline. Once the store runs, it has run twice: the leases are back
+    and the key's bucket is debited 1000 tokens, not 2000."""
+    from relay.http.limits import KeyLimits
+
+    assert redis_server.process is not None
+    limits = KeyLimits(5, 0, 6000)
+    gate = _Gate("up", 10, 5.0)
+
+    async def main() -> None:
+        store = _store(redis_server, limits_store_timeout=3.0, limits_store_lease=30.0)
+        store.start()
+        stream = store.lease("team", "key:team", limits)
+        assert await stream.enter(gate) is None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            stream.release(1000)  # parked, to ride with the next acquire
+            left = store.lease("team", "key:team", limits)
+            request = asyncio.create_task(left.enter(gate))
+            for _ in range(100):
+                if store._pipelines:  # written to the stopped store
+                    break
+                await asyncio.sleep(0.01)
+            assert store._pipelines == 1 and not store._parked
+            request.cancel()  # its client left
+            for _ in range(100):
+                if store._pipelines:  # the release again, and the give-back
+                    break
+                await asyncio.sleep(0.01)
+            assert store._pipelines == 1
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        for _ in range(300):
+            if store.quiet() and not store._pipelines:
+                break
+            await asyncio.sleep(0.01)
+        assert store.quiet() and store.up
+        await store.close()
+
+    _run(loop_kind, main())
+    assert _members(redis_server, KEY_SET) == b"*0\r\n"
+    assert _members(redis_server, UP_SET) == b"*0\r\n"
+    level = float(redis_server.command("HGET", "relay:{relay}:key:team:bucket", "t").split()[1])
+    assert 4500 < level <= 6000, level
+
+
+def test_a_waiter_asking_in_the_same_pipeline_as_a_release_of_its_slot_gets_it_at_once(
+    redis_server, loop_kind
+):
+    """--max-inflight 1 shared: a request of this process waits for the upstream's one
+    slot, held by a stream of the same process. Its next ask is queued behind a
+    pipeline held up by a stopped store (SIGSTOP), and the stream's release is queued
+    after it; once the store runs, the release goes first in their pipeline and the
+    waiter is admitted at once, not after its back-off (up to 400 ms)."""
+    assert redis_server.process is not None
+    gate = _Gate("up", 1, 10.0)
+
+    async def main() -> float:
+        store = _store(redis_server, limits_store_timeout=3.0, limits_store_lease=30.0)
+        store.start()
+        stream = store.lease("anonymous", None, None)
+        assert await stream.enter(gate) is None
+        waiter = store.lease("anonymous", None, None)
+        waiting = asyncio.create_task(waiter.enter(gate))
+        await asyncio.sleep(0.5)  # its back-off has grown past 200 ms
+        assert not waiting.done()
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            elsewhere = store.lease("anonymous", None, None)
+            held_up = asyncio.create_task(elsewhere.enter(_Gate("other", 5, 10.0)))
+            for _ in range(100):
+                if store._queue:  # the waiter's next ask, behind the held-up one
+                    break
+                await asyncio.sleep(0.01)
+            assert len(store._queue) == 1 and store._pipelines == 1
+            stream.release(0)  # a waiter waits for its slot: queued, not parked
+            assert len(store._releases) == 1 and not store._parked
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        assert await asyncio.wait_for(waiting, 5.0) is None
+        waited = time.monotonic() - resumed
+        assert await held_up is None
+        waiter.release(0)
+        elsewhere.release(0)
+        await store.close()
+        return waited
+
+    waited = _run(loop_kind, main())
+    assert waited < 0.15, waited
+    assert _members(redis_server, UP_SET) == b"*0\r\n"
+
+
+def test_acquires_go_ahead_of_a_backlog_of_releases_sent_when_the_store_is_back(
+    redis_server, loop_kind
+):
+    """3000 leases given back while the store's link is cut (it keeps its data): once
+    it is back, their releases are sent (12 pipelines), and requests made meanwhile
+    go ahead of them, within the store timeout: the store is not found away again
+    for a backlog of relay's own, and its sets end holding exactly the live leases."""
+    from relay.http.limits import KeyLimits
+
+    link = Link(redis_server.port)
+    limits = KeyLimits(10_000, 0, 0)
+    gate = _Gate("up", 10_000, 10.0)
+
+    async def main() -> None:
+        store = _store(redis_server, link.port, limits_store_timeout=0.25, limits_store_lease=30.0)
+        store.start()
+        leases = []
+        for _ in range(10):
+            batch = [store.lease("team", "key:team", limits) for _ in range(300)]
+            assert await asyncio.gather(*(lease.enter(gate) for lease in batch)) == [None] * 300
+            leases += batch
+        link.cut()
+        cut = store.lease("team", "key:team", limits)
+        assert await cut.enter(gate) is None  # finds the store away: its own limits
+        assert not store.up
+        for lease in [*leases, cut]:
+            lease.release(0)
+        assert len(store._unsent) == 3001
+        errors = store.metrics.limits_store_errors
+        link.mend()
+        for _ in range(500):
+            if store.up:
+                break
+            await asyncio.sleep(0.01)
+        assert store.up
+        started = time.monotonic()
+        meanwhile = [store.lease("team", "key:team", limits) for _ in range(50)]
+        assert await asyncio.gather(*(lease.enter(gate) for lease in meanwhile)) == [None] * 50
+        assert time.monotonic() - started < 0.5
+        for _ in range(500):
+            if store.quiet() and not store._pipelines:
+                break
+            await asyncio.sleep(0.01)
+        assert store.up and store.metrics.limits_store_errors == errors
+        assert all(lease.confirmed for lease in meanwhile) and len(store.live) == 50
+        await store.close()
+
+    try:
+        _run(loop_kind, main())
+    finally:
+        link.close()
+    assert redis_server.command("ZCARD", KEY_SET) == b":50\r\n"
+
+
+def test_an_acquire_given_back_after_its_client_left_wakes_a_waiter_for_that_upstream(
+    redis_server, loop_kind
+):
+    """A request of this process waits for a slot of an upstream; another request's
+    acquire for it goes out to a stopped store (SIGSTOP) and its client leaves. Once
+    the store runs, the acquire's give-back goes without lingering and wakes the
+    waiter (which asks again) at once, not after its back-off."""
+    assert redis_server.process is not None
+    gate = _Gate("up", 1, 10.0)
+
+    async def main() -> float:
+        store = _store(redis_server, limits_store_timeout=3.0, limits_store_lease=30.0)
+        store.start()
+        waiter = asyncio.create_task(store.wait_for_slot("up", 5.0))
+        await asyncio.sleep(0)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            left = store.lease("anonymous", None, None)
+            request = asyncio.create_task(left.enter(gate))
+            for _ in range(100):
+                if store._pipelines:  # written to the stopped store
+                    break
+                await asyncio.sleep(0.01)
+            assert store._pipelines == 1
+            request.cancel()  # its client left
+            await asyncio.wait([request])
+            assert not store._parked  # a waiter waits for that upstream: no lingering
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        await asyncio.wait_for(waiter, 6.0)
+        woken = time.monotonic() - resumed
+        for _ in range(300):
+            if store.quiet() and not store._pipelines:
+                break
+            await asyncio.sleep(0.01)
+        await store.close()
+        return woken
+
+    woken = _run(loop_kind, main())
+    assert woken < 1.0, woken
+    assert _members(redis_server, UP_SET) == b"*0\r\n"

@@ -12,9 +12,10 @@ import asyncio
 import copy
 import selectors
 import subprocess
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from hypothesis import settings
@@ -602,3 +603,49 @@ def test_a_drain_that_ends_as_its_time_runs_out_is_reported_as_drained(loop, mon
     loop.advance(1.5)
     loop.settle()
     assert drained.result() is True
+
+
+class _StoreLease:
+    """A shared lease whose store admits the first ask and refuses the next (503)."""
+
+    def __init__(self) -> None:
+        self.key_held = False
+        self.asked = 0
+
+    def pending(self, gate: Gate | None) -> bool:
+        return True
+
+    async def enter(self, gate: Gate | None) -> RelayError | None:
+        self.asked += 1
+        if self.asked == 1:
+            self.key_held = True  # the store took the key's request (and its RPM)
+            return None
+        return RelayError(503, "upstream busy", "queue_timeout")
+
+    def release(self, tokens: int) -> None:
+        self.key_held = False
+
+
+def test_a_store_refusal_on_a_retry_elsewhere_gives_back_no_rpm_the_store_kept(loop):
+    """rpm=2, --max-inflight 1: the store admits a request (taking one of the key's
+    requests a minute); its retry on another upstream is refused there (503). The
+    request did go out, so the local RPM bucket keeps it spent, as the store does;
+    only a refusal of the request's first ask gives the local request back."""
+    config = Config(max_inflight=1, key_rpm=2)
+    admission = Admission(config, Metrics())
+    ticket = admission.admit(None, "10.0.0.1")
+    assert isinstance(ticket, Ticket) and ticket.budget is not None
+    budget = ticket.budget
+    store = _StoreLease()
+    ticket._shared = cast(Any, store)
+    first = loop.create_task(ticket.enter(SimpleNamespace(address="u:1")))
+    loop.settle()
+    assert first.result() is None
+    retry = loop.create_task(ticket.enter(SimpleNamespace(address="u:2")))
+    loop.settle()
+    assert retry.result() is not None and retry.result().status == 503
+    assert budget.check(time.monotonic()) is None  # one of two left
+    assert budget.admit(time.monotonic()) is None
+    refusal = budget.check(time.monotonic())
+    assert refusal is not None and refusal.limit == "rpm"
+    ticket.settle(0, None, None)

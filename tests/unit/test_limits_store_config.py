@@ -17,6 +17,7 @@ from relay.http.sharedlimits import (
     RENEW,
     Answer,
     bucket_key,
+    debited_key,
     leases_key,
     marker_key,
     read_answer,
@@ -158,6 +159,7 @@ def test_every_key_shares_one_hash_slot():
         bucket_key("addr:10.0.0.1"),
         leases_key("up:http://u:1"),
         marker_key("1-ab"),
+        debited_key("1-ab:7"),
     ):
         assert name.startswith(PREFIX) and name.index("{") == name.index("{relay}")
     for script in (ACQUIRE, RELEASE, RENEW):
