@@ -242,12 +242,18 @@ class ClientConnection(asyncio.Protocol):
             exc.__traceback__ = None  # see _process
             event = None
         request = event if isinstance(event, h11.Request) else None
-        self.state.metrics.endings[ending.value, "false"] += 1
+        self._log_unstarted(request, None, ending.value)
+
+    def _log_unstarted(
+        self, request: h11.Request | None, status: int | None, ending: str, key: str | None = None
+    ) -> None:
+        """The access line and the endings count of a request that had no exchange."""
+        self.state.metrics.endings[ending, "false"] += 1
         log_exchange(
             client=self.client_host,
             method=b"-" if request is None else request.method,
             target=b"-" if request is None else request.target,
-            status=None,
+            status=status,
             upstream="-",
             requested_model=None,
             forwarded_model=None,
@@ -256,7 +262,8 @@ class ClientConnection(asyncio.Protocol):
             head_s=None,
             ttft_s=None,
             total_s=time.monotonic() - self._cycle_started,
-            ending=ending.value,
+            ending=ending,
+            key=key,
         )
 
     # -- request processing ------------------------------------------------
@@ -455,24 +462,7 @@ class ClientConnection(asyncio.Protocol):
         """Answer a request relay refuses itself, before any exchange: like every
         request, it gets one access line and one count in the endings (method and
         path ``-`` for a head relay could not read, as nginx logs one)."""
-        ending = ending_for_status(error.status, error.code)
-        self.state.metrics.endings[ending, "false"] += 1
-        log_exchange(
-            client=self.client_host,
-            method=b"-" if request is None else request.method,
-            target=b"-" if request is None else request.target,
-            status=error.status,
-            upstream="-",
-            requested_model=None,
-            forwarded_model=None,
-            bytes_in=0,
-            bytes_out=0,
-            head_s=None,
-            ttft_s=None,
-            total_s=time.monotonic() - self._cycle_started,
-            ending=ending,
-            key=key,
-        )
+        self._log_unstarted(request, error.status, ending_for_status(error.status, error.code), key)
         self.send_error(error)
 
     def _on_body(self, data: bytes) -> None:
