@@ -27,7 +27,13 @@ import h11
 
 from ..http.errors import RelayError, error_response, protocol_error_message
 from ..http.fidelity import ending_for_status
-from ..http.headers import RequestHeadProblem, check_request_headers, find_head_problem, head_length
+from ..http.headers import (
+    RequestHeadProblem,
+    check_request_headers,
+    find_head_problem,
+    head_ended,
+    head_length,
+)
 from .accesslog import log_exchange
 from .exchange import Ending, Exchange, ModelListAnswer, Phase, request_plan
 from .teststream import serve_test_stream
@@ -185,11 +191,7 @@ class ClientConnection(asyncio.Protocol):
         if pacer.may_start() and not self._starting:
             self._start_timed()
             return
-        head = self._head_bytes
-        # Where h11 finds a head's end (its blank line, "\n\r?\n"); the 2 bytes
-        # before the new ones may hold its start.
-        start = max(0, len(head) - new - 2)
-        if head.find(b"\n\n", start) < 0 and head.find(b"\n\r\n", start) < 0:
+        if not head_ended(self._head_bytes, new):
             self._process()  # h11 needs more (or refuses what it has)
             return
         self._deferred = True

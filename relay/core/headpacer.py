@@ -76,7 +76,6 @@ class HeadPacer:
         self._waiting: OrderedDict[Paced, None] = OrderedDict()
         self._handle: asyncio.Handle | None = None  # the next turn's callback
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.deferred_total = 0  # how many starts waited for a later turn
 
     def __len__(self) -> int:
         """How many connections wait for a turn."""
@@ -96,7 +95,6 @@ class HeadPacer:
         """Queue ``conn`` (at most once) to start its request in a later turn."""
         if conn not in self._waiting:
             self._waiting[conn] = None
-            self.deferred_total += 1
         if self._handle is None:
             self._arm()
 

@@ -24,6 +24,7 @@ __all__ = [
     "check_request_headers",
     "find_head_problem",
     "has_token",
+    "head_ended",
     "head_length",
     "is_event_stream",
     "is_json_or_untyped",
@@ -210,6 +211,18 @@ def origin_form(target: bytes) -> bytes:
         return target
     rest = match.group(2)
     return rest if rest.startswith(b"/") else b"/" + rest
+
+
+def head_ended(received: bytes | bytearray, new: int) -> bool:
+    """Whether ``received``, a head's bytes so far whose last ``new`` just came,
+    now holds the empty line that ends it (what :func:`_head_end` finds).
+
+    Only the new bytes and the two before them (an ``LF`` or ``LF CR`` that
+    the new bytes may complete) are searched: the bytes before came with a
+    call that found no end.
+    """
+    start = max(0, len(received) - new - 2)
+    return received.find(b"\n\n", start) >= 0 or received.find(b"\n\r\n", start) >= 0
 
 
 def head_length(raw_head: bytes) -> int:

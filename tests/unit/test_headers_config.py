@@ -18,6 +18,7 @@ from relay.http.headers import (
     RequestHeadProblem,
     check_request_headers,
     find_head_problem,
+    head_ended,
     head_length,
     request_headers_for_upstream,
     response_head,
@@ -271,3 +272,41 @@ def test_the_admin_listener_must_not_take_the_public_address_but_two_free_ports_
         upstream=upstream,
     )
     assert both_free.admin_listen is not None and both_free.admin_listen.port == 0
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\r\n\n",
+    ],
+)
+def test_a_head_is_found_ended_once_its_empty_line_came_whatever_the_pieces(head):
+    """Fed in two or three pieces cut anywhere, the head is found ended exactly
+    when the piece that completes its empty line comes, as head_length sees it."""
+    end = head_length(head)
+    assert end == len(head)
+    cuts = [(a, b) for a in range(1, len(head)) for b in range(a, len(head) + 1)]
+    for first, second in cuts:
+        received = bytearray()
+        ended_at = None
+        for piece in (head[:first], head[first:second], head[second:]):
+            if not piece:
+                continue
+            received += piece
+            if head_ended(received, len(piece)):
+                ended_at = len(received)
+                break
+        assert ended_at is not None and ended_at >= end, (first, second, ended_at)
+        assert head_length(bytes(received)) == end
+
+
+def test_a_head_without_its_empty_line_is_not_ended():
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX: \n\r"
+    for cut in range(1, len(head)):
+        received = bytearray(head[:cut])
+        assert not head_ended(received, cut)
+        received += head[cut:]
+        assert not head_ended(received, len(head) - cut)
