@@ -732,6 +732,22 @@ KEY_SET = "relay:{relay}:key:team:leases"
 UP_SET = "relay:{relay}:up:up:leases"
 
 
+async def _acquire_carrying_a_release(
+    store: Any, gate: Any, limits: Any, stream: Any, tokens: int
+) -> asyncio.Task[Any]:
+    """``stream``'s release of ``tokens`` parked, then a new request of the same key
+    whose acquire carries it out to the stopped store: that request's task."""
+    stream.release(tokens)  # parked, to ride with the next acquire
+    lease = store.lease("team", "key:team", limits)
+    request = asyncio.create_task(lease.enter(gate))
+    for _ in range(100):
+        if store._pipelines:  # written to the stopped store
+            break
+        await asyncio.sleep(0.01)
+    assert store._pipelines == 1 and not store._parked
+    return request
+
+
 def test_close_sends_the_releases_of_exchanges_cut_just_before_and_starts_nothing_after(
     redis_server, loop_kind
 ):
@@ -753,14 +769,7 @@ def test_close_sends_the_releases_of_exchanges_cut_just_before_and_starts_nothin
         assert store.live
         redis_server.process.send_signal(signal.SIGSTOP)
         try:
-            stream.release(0)  # parked, to ride with the next acquire
-            cut = store.lease("team", "key:team", limits)
-            request = asyncio.create_task(cut.enter(gate))
-            for _ in range(100):
-                if store._pipelines:  # written to the stopped store
-                    break
-                await asyncio.sleep(0.01)
-            assert store._pipelines == 1 and not store._parked
+            request = await _acquire_carrying_a_release(store, gate, limits, stream, 0)
             request.cancel()  # the relay closes: its exchanges are cut first
             loop = asyncio.get_running_loop()
             loop.call_later(0.3, redis_server.process.send_signal, signal.SIGCONT)
@@ -800,14 +809,7 @@ def test_a_release_sent_again_after_its_pipeline_was_cut_debits_its_tokens_once(
         assert await stream.enter(gate) is None
         redis_server.process.send_signal(signal.SIGSTOP)
         try:
-            stream.release(1000)  # parked, to ride with the next acquire
-            left = store.lease("team", "key:team", limits)
-            request = asyncio.create_task(left.enter(gate))
-            for _ in range(100):
-                if store._pipelines:  # written to the stopped store
-                    break
-                await asyncio.sleep(0.01)
-            assert store._pipelines == 1 and not store._parked
+            request = await _acquire_carrying_a_release(store, gate, limits, stream, 1000)
             request.cancel()  # its client left
             for _ in range(100):
                 if store._pipelines:  # the release again, and the give-back
